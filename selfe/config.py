@@ -1,0 +1,257 @@
+"""The resolved configuration of a selfe job: typed sections, presets, TOML files and dotted overrides.
+
+Order of precedence: preset < TOML file < ``--section.field=value`` overrides. ``load_config``
+validates everything before any work starts, so a typo fails in milliseconds, not after an hour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfe.configtools import ConfigError, apply_dict, apply_override, parse_overrides, to_toml
+from selfe.ema import EMAConfig
+from selfe.encoders.image import CodecConfig
+from selfe.encoders.text import TextEncoderConfig
+from selfe.model import MODEL_PRESETS, ModelConfig
+from selfe.objective import ObjectiveConfig
+from selfe.sampling import SamplerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class OptimConfig:
+    """Adam with warm-up then linear decay [paper]."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    lr_end: float = 1e-5
+    """Learning rate reached at the last step (linear decay after warm-up). [ours]"""
+    warmup_steps: int = 1000
+    """Linear warm-up from 0."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables. [ours]"""
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.lr_end < 0:
+            raise ConfigError("optim.lr must be > 0 and optim.lr_end >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and where its encoded cache lives."""
+
+    source: str = "shapes"
+    """"shapes" (the embedded world) or a path / s3:// URI of images + captions (see pipelines/preprocess.py)."""
+    source_format: str = "auto"
+    """"auto", "imagefolder", "webdataset" or "parquet" for non-shapes sources."""
+    num_samples: int = 6000
+    """Shapes world: number of training samples rendered."""
+    seed: int = 0
+    """Shapes world: rendering seed."""
+    resolution: int = 32
+    """Image side in pixels after resize + centre crop."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Shapes world: relative frequency per GenEval task; empty = equal."""
+    cache_root: str = "outputs/cache"
+    """Directory (local or s3://) that holds versioned caches, one folder per input hash."""
+    min_image_size: int = 16
+    """Images whose shorter side is smaller are skipped and counted."""
+    encode_batch_size: int = 64
+    """Rows per encoder batch in the preprocessing actors."""
+    encode_actors: int = 1
+    """Size of the preprocessing actor pool."""
+
+    def validate(self) -> None:
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a multiple of 8 and >= 8, got {self.resolution}")
+        if self.num_samples < 1 or self.encode_batch_size < 1 or self.encode_actors < 1:
+            raise ConfigError("data.num_samples, data.encode_batch_size and data.encode_actors must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """The training run: length, batch, parallelism, checkpoints."""
+
+    steps: int = 2000
+    """Optimiser steps in total."""
+    batch_size: int = 64
+    """Global batch (split evenly over workers)."""
+    num_workers: int = 1
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; fractional values leave room for Ray Data on small machines."""
+    fsdp: bool = True
+    """Shard parameters, gradients, optimiser state and EMA with FSDP2 (fully_shard per block)."""
+    activation_checkpointing: bool = False
+    mixed_precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    """Log sample grids every this many steps (0: only at the end)."""
+    storage_path: str = "outputs/ray_results"
+    """Ray Train storage (local dir or s3://) for checkpoints."""
+    run_name: str = ""
+    """Ray Train run name; reusing a name resumes that run. Empty: a fresh timestamped name."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train attempts before giving up."""
+    threads_per_worker: int = 0
+    """torch intra-op threads per worker (0: leave torch's default)."""
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("train.steps, train.batch_size and train.num_workers must be >= 1")
+        if self.batch_size % self.num_workers:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} must be divisible by train.num_workers={self.num_workers}"
+            )
+        if self.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("train.cpus_per_worker must be > 0 (use a fraction such as 0.5 on small machines)")
+
+
+@dataclass
+class EvalConfig:
+    """GenEval-lite evaluation and sample grids."""
+
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 50])
+    """Sampling step counts to score."""
+    prompt_set: str = "v1"
+    max_prompts: int = 0
+    """Score only the first N prompts per task (0 = all)."""
+    seed: int = 1234
+    batch_size: int = 128
+    grid_prompts: int = 8
+    """Prompts in each sample grid."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking and registry."""
+
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory."""
+    experiment: str = "selfe"
+    registered_model: str = "selfe"
+    alias: str = "candidate"
+    promote_champion: bool = False
+    """Also point the "champion" alias at the new version."""
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    """Everything one selfe job needs."""
+
+    preset: str = "tiny"
+    """Model size preset: tiny, 0.5b or 2b. Applied first; the TOML and overrides refine it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    anneal_fraction: float = 0.42
+    """tau annealing horizon as a fraction of train.steps (paper: 300k of 710k); sets
+    objective.anneal_steps unless that is given explicitly. [ours]"""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                try:
+                    section.validate()
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(str(e)) from e
+        if not 0.0 <= self.anneal_fraction <= 1.0:
+            raise ConfigError(f"anneal_fraction must be in [0, 1], got {self.anneal_fraction}")
+        if self.codec.kind == "pixels" and self.data.resolution % self.model.patch_size:
+            raise ConfigError(
+                f"data.resolution={self.data.resolution} must be divisible by model.patch_size={self.model.patch_size}"
+            )
+        if self.sampler.shift_base_len != self.objective.shift_base_len:
+            raise ConfigError("sampler.shift_base_len must equal objective.shift_base_len (same time shift)")
+
+    def dump(self) -> str:
+        """The resolved config as TOML (loadable with ``load_config(config_path=...)``)."""
+        return to_toml(self)
+
+
+# Per-preset training defaults beyond the model shape.
+PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    # CPU: pixels at 32x32, 4x4 patches -> 64 tokens; a few minutes on 2 cores.
+    "tiny": {
+        "model": {**MODEL_PRESETS["tiny"], "patch_size": 4},
+        "optim": {"lr": 1e-3, "warmup_steps": 100, "lr_end": 1e-4},
+        "ema": {"decay": 0.999},
+    },
+    "0.5b": {
+        "model": {**MODEL_PRESETS["0.5b"], "in_channels": 16, "text_width": 4096, "pooled_width": 768},
+        "codec": {"kind": "autoencoder_kl"},
+        "train": {"use_gpu": True, "batch_size": 256, "steps": 300_000},
+    },
+    "2b": {
+        "model": {**MODEL_PRESETS["2b"], "in_channels": 16, "text_width": 4096, "pooled_width": 768},
+        "codec": {"kind": "autoencoder_kl"},
+        "train": {"use_gpu": True, "batch_size": 512, "steps": 710_000, "activation_checkpointing": True},
+    },
+}
+
+
+def load_config(
+    config_path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> Config:
+    """Build and validate a Config. ``overrides`` are command-line style: ``["--optim.lr=1e-4"]``."""
+    file_data: dict[str, Any] = {}
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing .toml with --config")
+        with path.open("rb") as fh:
+            try:
+                file_data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    pairs = parse_overrides(overrides or [])
+    chosen = preset or dict(pairs).get("preset") or file_data.get("preset") or "tiny"
+    if chosen not in PRESET_OVERRIDES:
+        raise ConfigError(f"unknown preset {chosen!r}; choose one of {', '.join(PRESET_OVERRIDES)}")
+    cfg = Config(preset=chosen)
+    apply_dict(cfg, PRESET_OVERRIDES[chosen])
+    apply_dict(cfg, {k: v for k, v in file_data.items() if k != "preset"})
+    explicit_anneal = "anneal_steps" in file_data.get("objective", {})
+    for key, value in pairs:
+        if key == "preset":
+            continue
+        apply_override(cfg, key, value)
+        explicit_anneal |= key == "objective.anneal_steps"
+    if not explicit_anneal:
+        cfg.objective.anneal_steps = round(cfg.anneal_fraction * cfg.train.steps)
+    cfg.validate()
+    return cfg

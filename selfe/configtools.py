@@ -1,0 +1,180 @@
+"""Generic machinery for nested dataclass configs: build from dicts (TOML), dotted overrides,
+type coercion and errors that name the bad key and the fix. Knows nothing of selfe's sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong. The message says which and how to fix it."""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from TOML or a CLI string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in typing.get_args(tp):
+                return None
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table/dict, got {value!r}")
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if "e" in value.lower() else int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown(key: str, options: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], options, n=1)
+    hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near[0]}?" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(sorted(options))})")
+
+
+def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from a nested dict, recursing into sub-dataclasses."""
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise _unknown(key, names)
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} is a section; give its fields, e.g. {key}.<field>=...")
+            apply_dict(current, v, f"{key}.")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def apply_override(obj: Any, dotted: str, value: Any) -> None:
+    """Apply one ``section.field=value`` override (value may be a string from the command line)."""
+    *path, leaf = dotted.split(".")
+    target, walked = obj, []
+    for part in path:
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names or not dataclasses.is_dataclass(getattr(target, part)):
+            raise _unknown(".".join(walked + [part]), [n for n in names if dataclasses.is_dataclass(getattr(target, n))])
+        target = getattr(target, part)
+        walked.append(part)
+    apply_dict(target, {leaf: value}, ".".join(walked) + "." if walked else "")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``["--optim.lr=1e-4", "--train.steps", "10"]`` -> [("optim.lr", "1e-4"), ("train.steps", "10")]."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.field=value")
+        body = a[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            k, v = body, args[i + 1]
+            i += 1
+        else:
+            k, v = body, "true"  # a bare flag switches a boolean on
+        out.append((k, v))
+        i += 1
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dataclass tree -> {"section.field": value} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(obj: Any, name: str = "") -> str:
+    """Serialise a dataclass tree to TOML; ``None`` fields are omitted (TOML has no null)."""
+    lines, subs = [], []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            subs.append(to_toml(v, f"{name}.{f.name}" if name else f.name))
+        elif v is not None:
+            lines.append(f"{f.name} = {_toml_value(v)}")
+    head = [f"[{name}]"] if name and lines else []
+    return "\n".join(head + lines + [""] + subs).strip() + "\n"

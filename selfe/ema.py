@@ -1,0 +1,55 @@
+"""Exponential moving average of a network's weights.
+
+The EMA network is a full module with the same structure as the online one (and, under FSDP, the
+same sharding), so the objective can call it like the online model for the conditional evaluation
+branch. Updates touch only local shards: ``lerp_`` on DTensors stays local.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EMAConfig:
+    """EMA of the online weights."""
+
+    decay: float = 0.9999
+    """Target decay per step [paper]."""
+    warmup: bool = True
+    """Use min(decay, (1 + step) / (10 + step)) so short runs get a useful EMA early. [ours]"""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+def ema_decay_at(step: int, cfg: EMAConfig) -> float:
+    if not cfg.warmup:
+        return cfg.decay
+    return min(cfg.decay, (1.0 + step) / (10.0 + step))
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` (deep-copies sharded parameters too)."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    ema.eval()
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    ema_params = list(ema.parameters())
+    params = list(model.parameters())
+    if len(ema_params) != len(params):
+        raise ValueError("EMA and model have different parameter lists; build the EMA with make_ema(model)")
+    for pe, p in zip(ema_params, params):
+        pe.lerp_(p.detach(), 1.0 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)

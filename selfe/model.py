@@ -1,0 +1,332 @@
+"""FLUX-style MM-DiT with Self-E's two-time conditioning.
+
+The network computes the raw output ``V(x_t, t, s, c)``; the objective turns it into
+``G = x_t - t * V``. It knows nothing of losses, EMA or parallelism: FSDP is applied from the
+outside (``selfe.train.parallel``) per block in ``double_blocks`` / ``single_blocks``.
+
+Shapes: B batch, N image tokens, L text tokens, D width, H heads, Dh = D / H head width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the MM-DiT. Presets: ``MODEL_PRESETS``."""
+
+    width: int = 128
+    """Hidden width D of every token stream."""
+    head_dim: int = 32
+    """Width of one attention head; D must be divisible by it. Must be a multiple of 4 (2-axis RoPE)."""
+    double_blocks: int = 2
+    """Double-stream blocks (separate image/text weights, joint attention)."""
+    single_blocks: int = 4
+    """Single-stream blocks (one weight set over the concatenated sequence)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of D."""
+    patch_size: int = 2
+    """Side of the square patches the model cuts its input into (2 for VAE latents, 2-4 for pixels)."""
+    in_channels: int = 3
+    """Channels of the model's input (3 for pixels, 16 for the FLUX VAE)."""
+    text_width: int = 384
+    """Width of the text encoder's per-token states (384 for MiniLM, 4096 for T5-XXL)."""
+    pooled_width: int = 384
+    """Width of the pooled text vector (384 for MiniLM, 768 for CLIP-L)."""
+    rope_theta: float = 10_000.0
+    """RoPE base frequency."""
+    time_freq_dim: int = 256
+    """Width of the sinusoidal embedding of t and of the gap t - s."""
+
+    def validate(self) -> None:
+        if self.width % self.head_dim:
+            raise ValueError(f"model.width={self.width} is not divisible by model.head_dim={self.head_dim}")
+        if self.head_dim % 4:
+            raise ValueError(f"model.head_dim={self.head_dim} must be a multiple of 4 for 2-axis RoPE")
+        for name in ("width", "patch_size", "in_channels", "text_width", "pooled_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.double_blocks + self.single_blocks < 1:
+            raise ValueError("model needs at least one block (double_blocks + single_blocks >= 1)")
+
+
+MODEL_PRESETS: dict[str, dict] = {
+    # ~2.4M parameters: trains on a 2-core CPU in minutes.
+    "tiny": dict(width=128, head_dim=32, double_blocks=2, single_blocks=4),
+    # The paper's two sizes: FLUX-style 8 double + 16 single blocks.
+    "0.5b": dict(width=1024, head_dim=64, double_blocks=8, single_blocks=16),
+    "2b": dict(width=2048, head_dim=128, double_blocks=8, single_blocks=16),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of scalars ``t`` (B,) in [0, 1] -> (B, dim).
+
+    t is multiplied by 1000 so the frequencies cover the unit interval as in DiT/FLUX.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """in_dim -> D -> D with SiLU, used for t, the gap t - s and the pooled text vector."""
+
+    def __init__(self, in_dim: int, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Rotation angles for 2-axis RoPE: half of each head rotates with the row, half with the column.
+
+    Returns (rows * cols, head_dim // 2) angles, row-major token order.
+    """
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    r = torch.arange(rows, device=device, dtype=torch.float32)
+    c = torch.arange(cols, device=device, dtype=torch.float32)
+    ang_r = torch.outer(r, freqs)[:, None, :].expand(rows, cols, quarter)
+    ang_c = torch.outer(c, freqs)[None, :, :].expand(rows, cols, quarter)
+    return torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of ``x`` (B, H, T, Dh) by ``angles`` (T, Dh/2)."""
+    x2 = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (B, T, D), shift/scale (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of queries and keys per head (FLUX): keeps attention logits bounded in bf16."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.q = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k = nn.RMSNorm(head_dim, eps=1e-6)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(q), self.k(k)
+
+
+def attention(q, k, v, angles, n_txt: int, key_mask: torch.Tensor) -> torch.Tensor:
+    """Joint attention over [text; image] tokens; RoPE on the image part only.
+
+    q, k, v: (B, H, L + N, Dh); angles: (N, Dh/2); key_mask: (B, L + N) bool, True = attend.
+    Returns (B, L + N, H * Dh).
+    """
+    q = torch.cat([q[:, :, :n_txt], apply_rope(q[:, :, n_txt:], angles)], dim=2)
+    k = torch.cat([k[:, :, :n_txt], apply_rope(k[:, :, n_txt:], angles)], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+    return out.transpose(1, 2).flatten(2)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, mixed by one joint attention."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = width // head_dim
+        hidden = int(width * mlp_ratio)
+        for stream in ("img", "txt"):
+            self.add_module(f"{stream}_mod", nn.Linear(width, 6 * width))
+            self.add_module(f"{stream}_norm1", nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+            self.add_module(f"{stream}_qkv", nn.Linear(width, 3 * width))
+            self.add_module(f"{stream}_qknorm", QKNorm(head_dim))
+            self.add_module(f"{stream}_proj", nn.Linear(width, width))
+            self.add_module(f"{stream}_norm2", nn.LayerNorm(width, elementwise_affine=False, eps=1e-6))
+            self.add_module(
+                f"{stream}_mlp",
+                nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)),
+            )
+
+    def _qkv(self, stream: str, x: torch.Tensor, shift, scale):
+        h = modulate(getattr(self, f"{stream}_norm1")(x), shift, scale)
+        q, k, v = getattr(self, f"{stream}_qkv")(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = getattr(self, f"{stream}_qknorm")(q, k)
+        return q, k, v  # each (B, H, T, Dh)
+
+    def forward(self, img, txt, vec, angles, key_mask):
+        img_mod = self.img_mod(F.silu(vec)).chunk(6, dim=-1)
+        txt_mod = self.txt_mod(F.silu(vec)).chunk(6, dim=-1)
+        qi, ki, vi = self._qkv("img", img, img_mod[0], img_mod[1])
+        qt, kt, vt = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
+        n_txt = txt.shape[1]
+        attn = attention(
+            torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), angles, n_txt, key_mask
+        )
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+        img = img + img_mod[2][:, None] * self.img_proj(img_attn)
+        img = img + img_mod[5][:, None] * self.img_mlp(modulate(self.img_norm2(img), img_mod[3], img_mod[4]))
+        txt = txt + txt_mod[2][:, None] * self.txt_proj(txt_attn)
+        txt = txt + txt_mod[5][:, None] * self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod[3], txt_mod[4]))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """FLUX single-stream block: attention and MLP computed in parallel from one fused projection."""
+
+    def __init__(self, width: int, head_dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = width // head_dim
+        self.hidden = int(width * mlp_ratio)
+        self.mod = nn.Linear(width, 3 * width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear1 = nn.Linear(width, 3 * width + self.hidden)
+        self.qknorm = QKNorm(head_dim)
+        self.linear2 = nn.Linear(width + self.hidden, width)
+
+    def forward(self, x, vec, angles, n_txt: int, key_mask):
+        shift, scale, gate = self.mod(F.silu(vec)).chunk(3, dim=-1)
+        h = self.linear1(modulate(self.norm(x), shift, scale))
+        qkv, mlp = h.split([3 * x.shape[-1], self.hidden], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = self.qknorm(q, k)
+        attn = attention(q, k, v, angles, n_txt, key_mask)
+        return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.mod = nn.Linear(width, 2 * width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x, vec):
+        shift, scale = self.mod(F.silu(vec)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """V(x_t, t, s, c): the raw network output of Self-E (a velocity when s = t)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d, p = cfg.width, cfg.patch_size
+        self.img_in = nn.Linear(cfg.in_channels * p * p, d)
+        self.txt_in = nn.Linear(cfg.text_width, d)
+        self.t_embed = MLPEmbedder(cfg.time_freq_dim, d)
+        # The paper embeds the gap t - s, not s: s = t (evaluation mode) is then always "gap 0".
+        self.gap_embed = MLPEmbedder(cfg.time_freq_dim, d)
+        self.pooled_embed = MLPEmbedder(cfg.pooled_width, d)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(d, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.double_blocks)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(d, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.single_blocks)
+        )
+        self.final = FinalLayer(d, cfg.in_channels * p * p)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Xavier linears, N(0, 0.02) embedders, and adaLN-zero.
+
+        Zeroing every modulation (and so every gate) makes each block the identity at init, and
+        zeroing the output layer makes V = 0: training starts from a stable residual network (DiT).
+        Separate from ``__init__`` so a model built on the meta device can be materialised after
+        sharding (``to_empty`` then ``init_weights``).
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        for emb in (self.t_embed, self.gap_embed, self.pooled_embed):
+            nn.init.normal_(emb.fc1.weight, std=0.02)
+            nn.init.normal_(emb.fc2.weight, std=0.02)
+        for block in self.double_blocks:
+            for lin in (block.img_mod, block.txt_mod):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        for block in self.single_blocks:
+            nn.init.zeros_(block.mod.weight)
+            nn.init.zeros_(block.mod.bias)
+        for lin in (self.final.mod, self.final.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Image tokens for an input of spatial size (height, width)."""
+        p = self.cfg.patch_size
+        return (height // p) * (width // p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        txt: torch.Tensor,
+        txt_mask: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
+        """x (B, C, H, W) at noise level t (B,), landing level s (B,) with s <= t;
+        txt (B, L, text_width), txt_mask (B, L) bool, pooled (B, pooled_width) -> V (B, C, H, W)."""
+        b, c, h, w = x.shape
+        p = self.cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input {h}x{w} is not divisible by model.patch_size={p}")
+        rows, cols = h // p, w // p
+        # Patchify: (B, C, H, W) -> (B, N, C * p * p), row-major over patches.
+        img = x.reshape(b, c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
+        img = self.img_in(img)  # (B, N, D)
+        txt_h = self.txt_in(txt)  # (B, L, D)
+        vec = (
+            self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(img.dtype))
+            + self.gap_embed(timestep_embedding(t - s, self.cfg.time_freq_dim).to(img.dtype))
+            + self.pooled_embed(pooled.to(img.dtype))
+        )  # (B, D)
+        angles = rope_2d(rows, cols, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(b, rows * cols, dtype=torch.bool)], dim=1)
+        for block in self.double_blocks:
+            img, txt_h = block(img, txt_h, vec, angles, key_mask)
+        n_txt = txt_h.shape[1]
+        seq = torch.cat([txt_h, img], dim=1)  # (B, L + N, D)
+        for block in self.single_blocks:
+            seq = block(seq, vec, angles, n_txt, key_mask)
+        out = self.final(seq[:, n_txt:], vec)  # (B, N, C * p * p)
+        # Unpatchify back to (B, C, H, W).
+        return out.reshape(b, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> MMDiT:
+    """Build and initialise a model on ``device`` (use "meta" to count parameters without memory)."""
+    with torch.device(device):
+        model = MMDiT(cfg)
+    if str(device) != "meta":
+        model.init_weights()
+    return model
+
+
+def flops_per_token(cfg: ModelConfig, n_img: int, n_txt: int) -> float:
+    """Forward FLOPs per image token (2 * matmul MACs, attention included), for MFU.
+
+    Text-token work is charged to the image tokens so that tokens/s * this = FLOP/s.
+    """
+    d, hid = cfg.width, int(cfg.width * cfg.mlp_ratio)
+    seq = n_img + n_txt
+    double = 2 * (4 * d * d + 2 * d * hid) * seq + 2 * 2 * seq * seq * d
+    single = 2 * (3 * d * d + d * hid + (d + hid) * d) * seq + 2 * 2 * seq * seq * d
+    total = cfg.double_blocks * double + cfg.single_blocks * single
+    return total / n_img

@@ -1,0 +1,54 @@
+"""A plain single-process training loop over any iterator of batches.
+
+Used by unit tests, benchmarks and as the reference the Ray Train worker is compared with; the
+step itself lives in ``selfe.train.step``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from selfe.config import Config
+from selfe.ema import make_ema
+from selfe.model import build_model
+from selfe.objective import SelfEObjective, TextCond
+from selfe.train.step import Batch, build_optimizer, lr_at, train_step
+
+
+def train_local(
+    cfg: Config,
+    batches: Iterator[Batch],
+    null_cond: TextCond,
+    steps: int | None = None,
+    device: str = "cpu",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[nn.Module, nn.Module, list[dict[str, float]]]:
+    """Train ``cfg.model`` for ``steps`` (default cfg.train.steps) and return (model, ema, per-step stats)."""
+    torch.manual_seed(cfg.train.seed)
+    total = steps or cfg.train.steps
+    model = build_model(cfg.model, device)
+    ema = make_ema(model)
+    objective = SelfEObjective(cfg.objective)
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.lr, o.beta1, o.beta2, o.weight_decay)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
+    history: list[dict[str, float]] = []
+    model.train()
+    for step in range(total):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        lr = lr_at(step, o.lr, o.lr_end, o.warmup_steps, total)
+        stats = train_step(
+            model, ema, objective, optimizer, batch, null_cond, step, lr,
+            o.grad_clip, cfg.ema, generator=generator,
+        )
+        stats.update(step=step, data_s=t1 - t0, step_s=time.perf_counter() - t0)
+        history.append(stats)
+        if on_step is not None:
+            on_step(step, stats)
+    return model, ema, history

@@ -1,0 +1,119 @@
+"""MM-DiT: shapes, gradients, determinism, the two-time embedding and the paper's sizes."""
+
+import pytest
+import torch
+
+from selfe.model import MODEL_PRESETS, ModelConfig, build_model, flops_per_token
+
+
+def _inputs(cfg: ModelConfig, b=2, res=16, n_txt=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cfg.in_channels, res, res, generator=g)
+    t = torch.rand(b, generator=g) * 0.9 + 0.05
+    s = t * torch.rand(b, generator=g)
+    txt = torch.randn(b, n_txt, cfg.text_width, generator=g)
+    mask = torch.ones(b, n_txt, dtype=torch.bool)
+    mask[0, 3:] = False
+    pooled = torch.randn(b, cfg.pooled_width, generator=g)
+    return x, t, s, txt, mask, pooled
+
+
+def _reduced(preset: str) -> ModelConfig:
+    # Real width/head size of each preset, one block of each kind so the test stays fast on CPU.
+    kw = dict(MODEL_PRESETS[preset], double_blocks=1, single_blocks=1, text_width=32, pooled_width=16)
+    if preset == "2b":
+        kw.update(mlp_ratio=1.0)  # keeps the 2B-width block under ~100M params on a CPU test box
+    return ModelConfig(**kw)
+
+
+def _perturb_adaln(model):
+    # adaLN-zero makes the output exactly 0 at init; give the zero layers small weights so
+    # gradients and outputs depend on every input.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "0.5b", "2b"])
+def test_preset_shapes_gradients_determinism(preset):
+    cfg = _reduced(preset)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    _perturb_adaln(model)
+    x, t, s, txt, mask, pooled = _inputs(cfg)
+    out = model(x, t, s, txt, mask, pooled)
+    assert out.shape == x.shape
+    out.pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    torch.manual_seed(0)
+    model2 = build_model(cfg)
+    _perturb_adaln(model2)
+    assert torch.equal(model2(x, t, s, txt, mask, pooled), out.detach())
+
+
+def test_adaln_zero_init_outputs_zero():
+    cfg = ModelConfig(**MODEL_PRESETS["tiny"])
+    model = build_model(cfg)
+    out = model(*_inputs(cfg))
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("preset,target", [("0.5b", 0.5e9), ("2b", 2e9)])
+def test_paper_sizes_within_15_percent(preset, target):
+    cfg = ModelConfig(**MODEL_PRESETS[preset], in_channels=16, text_width=4096, pooled_width=768)
+    model = build_model(cfg, "meta")
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - target) / target < 0.15, n
+    assert len(model.double_blocks) == 8 and len(model.single_blocks) == 16
+
+
+def test_tiny_is_under_5m():
+    n = sum(p.numel() for p in build_model(ModelConfig(**MODEL_PRESETS["tiny"]), "meta").parameters())
+    assert n <= 5e6
+
+
+def test_gap_not_landing_time_is_embedded():
+    """V depends on (t, t - s): shifting s changes the output, and s = t is the same 'gap 0' for any t."""
+    cfg = ModelConfig(**MODEL_PRESETS["tiny"], patch_size=4)
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    _perturb_adaln(model)
+    x, t, s, txt, mask, pooled = _inputs(cfg)
+    a = model(x, t, s, txt, mask, pooled)
+    b = model(x, t, s * 0.5, txt, mask, pooled)
+    assert not torch.allclose(a, b)
+    gap_emb = model.gap_embed
+    from selfe.model import timestep_embedding
+    e1 = gap_emb(timestep_embedding(torch.tensor([0.3]) - torch.tensor([0.3]), cfg.time_freq_dim))
+    e2 = gap_emb(timestep_embedding(torch.tensor([0.8]) - torch.tensor([0.8]), cfg.time_freq_dim))
+    assert torch.equal(e1, e2)
+
+
+def test_padding_tokens_are_ignored():
+    cfg = ModelConfig(**MODEL_PRESETS["tiny"], patch_size=4)
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    _perturb_adaln(model)
+    x, t, s, txt, mask, pooled = _inputs(cfg)
+    txt2 = txt.clone()
+    txt2[0, 3:] = 100.0  # masked positions of sample 0
+    a = model(x, t, s, txt, mask, pooled)
+    b = model(x, t, s, txt2, mask, pooled)
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+
+
+def test_rejects_indivisible_input():
+    cfg = ModelConfig(**MODEL_PRESETS["tiny"], patch_size=4)
+    model = build_model(cfg)
+    x, t, s, txt, mask, pooled = _inputs(cfg, res=18)
+    with pytest.raises(ValueError, match="patch_size"):
+        model(x, t, s, txt, mask, pooled)
+
+
+def test_flops_scale_with_width():
+    small = flops_per_token(ModelConfig(width=128, head_dim=32), 64, 32)
+    big = flops_per_token(ModelConfig(width=256, head_dim=32), 64, 32)
+    assert 3.0 < big / small < 4.1

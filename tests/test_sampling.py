@@ -1,0 +1,90 @@
+"""Any-step sampler against closed-form data distributions."""
+
+import pytest
+import torch
+
+from selfe.objective import TextCond
+from selfe.sampling import SamplerConfig, guided_velocity, sample, time_grid
+from tests.analytic import Gaussian, PointMass
+
+
+def _conds(b, fill=1.0):
+    c = TextCond(torch.full((b, 2, 3), fill), torch.ones(b, 2, dtype=torch.bool), torch.full((b, 3), fill))
+    null = TextCond(torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 3))
+    return c, null
+
+
+class Counting:
+    def __init__(self, net):
+        self.net, self.calls, self.rows = net, 0, 0
+
+    def __call__(self, x, *args):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.net(x, *args)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 8, 50])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("landing", ["next", "current", "midpoint"])
+def test_point_mass_is_exact_for_any_steps(steps, eta, landing):
+    x_star = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond, null = _conds(5)
+    out, nfe = sample(PointMass(x_star), noise, cond, null,
+                      SamplerConfig(steps=steps, eta=eta, landing=landing, guidance=1.0))
+    assert torch.allclose(out, x_star.expand_as(out), atol=1e-5)
+    assert nfe == steps
+
+
+def test_gaussian_one_step_returns_the_mean_and_many_steps_the_distribution():
+    gauss = Gaussian(mu=0.7, sigma=0.4)
+    cond, null = _conds(4000)
+    noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    one, _ = sample(gauss, noise, cond, null, SamplerConfig(steps=1, guidance=1.0, eta=0.0))
+    assert torch.allclose(one, torch.full_like(one, 0.7), atol=1e-5)  # E[x0 | x_1] = mu
+    for eta in (0.0, 1.0):
+        many, nfe = sample(gauss, noise, cond, null, SamplerConfig(steps=200, guidance=1.0, eta=eta),
+                           generator=torch.Generator().manual_seed(3))
+        assert nfe == 200
+        assert many.mean().item() == pytest.approx(0.7, abs=0.02)
+        assert many.std().item() == pytest.approx(0.4, rel=0.05)
+
+
+def test_energy_preserving_cfg_keeps_conditional_energy_and_batches_branches():
+    g = torch.Generator().manual_seed(4)
+
+    def net(x, t, s, tokens, mask, pooled):
+        return x * (1 + tokens.mean(dim=(1, 2))).view(-1, 1, 1, 1) + 0.3
+
+    counted = Counting(net)
+    x = torch.randn(3, 3, 4, 4, generator=g)
+    t = torch.full((3,), 0.6)
+    cond, null = _conds(3, fill=2.0)
+    v = guided_velocity(counted, x, t, t, cond, null.expand(3), omega=5.0)
+    v_c = net(x, t, t, cond.tokens, cond.mask, cond.pooled)
+    v_u = net(x, t, t, null.expand(3).tokens, null.expand(3).mask, null.expand(3).pooled)
+    assert counted.calls == 1 and counted.rows == 6  # both branches in one forward
+    assert torch.allclose(v.flatten(1).norm(dim=1), v_c.flatten(1).norm(dim=1), rtol=1e-5)
+    raw = v_c + 4.0 * (v_c - v_u)
+    cos = torch.nn.functional.cosine_similarity(v.flatten(1), raw.flatten(1))
+    assert torch.allclose(cos, torch.ones(3), atol=1e-5)  # only the length changes
+
+
+@pytest.mark.parametrize("steps,guidance,expected", [(1, 5.0, 2), (4, 5.0, 8), (4, 1.0, 4), (50, 3.0, 100)])
+def test_nfe_counts(steps, guidance, expected):
+    counted = Counting(PointMass(torch.zeros(1, 3, 4, 4)))
+    cond, null = _conds(2)
+    _, nfe = sample(counted, torch.randn(2, 3, 4, 4), cond, null, SamplerConfig(steps=steps, guidance=guidance))
+    assert nfe == expected
+    assert counted.rows == expected * 2  # batch of 2 images
+
+
+def test_time_grid_and_validation():
+    grid = time_grid(8, 256)
+    assert grid[0] == 1.0 and grid[-1] == 0.0 and torch.all(grid[1:] < grid[:-1])
+    assert grid[4] > 0.5  # the shift spends more steps at high noise
+    with pytest.raises(ValueError, match="landing"):
+        SamplerConfig(landing="halfway").validate()
+    with pytest.raises(ValueError, match="steps"):
+        SamplerConfig(steps=0).validate()

@@ -142,6 +142,8 @@ class EvalConfig:
     batch_size: int = 128
     grid_prompts: int = 8
     """Prompts in each sample grid."""
+    untrained_reference: bool = True
+    """Also score an untrained model (same seed) at 4 steps, as the floor to compare with."""
 
 
 @dataclass

@@ -256,14 +256,12 @@ class MMDiT(nn.Module):
         for emb in (self.t_embed, self.gap_embed, self.pooled_embed):
             nn.init.normal_(emb.fc1.weight, std=0.02)
             nn.init.normal_(emb.fc2.weight, std=0.02)
+        zero = [self.final.mod, self.final.linear]
         for block in self.double_blocks:
-            for lin in (block.img_mod, block.txt_mod):
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+            zero += [block.img_mod, block.txt_mod]
         for block in self.single_blocks:
-            nn.init.zeros_(block.mod.weight)
-            nn.init.zeros_(block.mod.bias)
-        for lin in (self.final.mod, self.final.linear):
+            zero.append(block.mod)
+        for lin in zero:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 

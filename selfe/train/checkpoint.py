@@ -21,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from selfe.ema import reshard
+
 PROGRESS_FILE = "progress.json"
 
 
@@ -49,6 +51,8 @@ def save_checkpoint(
     """Write this rank's part of the checkpoint into ``path`` (a local folder)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    reshard(model)
+    reshard(ema)
     state = {
         "model": get_model_state_dict(model),
         "ema": get_model_state_dict(ema),

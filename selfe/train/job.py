@@ -24,7 +24,7 @@ from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 from selfe.generator import ImageGenerator, save_model_dir
 from selfe.model import build_model
 from selfe.train.checkpoint import load_weights
-from selfe.train.worker import train_loop_per_worker
+from selfe.train.worker import STRING_COLUMNS, train_loop_per_worker
 
 RUN_NAME_TAG = "selfe.train_run_name"
 
@@ -108,6 +108,9 @@ def _mlflow_run(cfg: Config, run_name: str) -> str | None:
 def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict) -> ray.train.Result:
     """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints."""
     storage_path, fs = _storage(cfg.train.storage_path)
+    # iter_torch_batches cannot convert string columns (caption, spec): hand workers tensors only.
+    datasets = {k: ds.select_columns([c for c in ds.schema().names if c not in STRING_COLUMNS])
+                for k, ds in datasets.items()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

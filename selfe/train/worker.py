@@ -99,7 +99,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_sharded_model(
         cfg.model, device, cfg.train.seed, cfg.train.fsdp, mp_dtype, cfg.train.activation_checkpointing
     )
-    ema = make_ema(model)
+    # The EMA is sharded exactly like the online model, so its forwards gather shards the same way.
+    ema = make_ema(model, build_sharded_model(cfg.model, device, cfg.train.seed, cfg.train.fsdp, mp_dtype))
     objective = SelfEObjective(cfg.objective)
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.beta1, o.beta2, o.weight_decay)
@@ -145,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 seen += 1
                 t_wait = time.perf_counter()
                 continue
-            batch = _to_batch({k: v for k, v in raw.items() if k not in STRING_COLUMNS}, device)
+            batch = _to_batch(raw, device)
             t_compute = time.perf_counter()
             lr = lr_at(step, o.lr, o.lr_end, o.warmup_steps, cfg.train.steps)
             stats = train_step(model, ema, objective, optimizer, batch, null, step, lr, o.grad_clip, cfg.ema,

@@ -126,8 +126,17 @@ def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict) -> ray.tr
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     return trainer.fit()
+
+
+def _ordered_ingest():
+    """Train ingest options with a fixed row order, so that a resumed run skips exactly the
+    batches its checkpoint already trained on and sees the same batches afterwards."""
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
 
 
 def export_model(cfg: Config, checkpoint: ray.train.Checkpoint, out_dir: Path) -> tuple[torch.nn.Module, int]:

@@ -125,15 +125,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if loop_config.get("tracking_uri"):  # workers do not inherit the driver's mlflow state
             mlflow.set_tracking_uri(loop_config["tracking_uri"])
         tracker = RunLogger(loop_config["mlflow_run_id"])
-        if checkpoint is None:
-            fractions = local_fraction(model)
-            tracker.log_metrics({"rank0_param_fraction": float(np.mean(list(fractions.values())))}, 0)
 
+    # Share of each parameter this rank stores (about 1 / world under FSDP), reported with metrics.
+    param_fraction = float(np.mean(list(local_fraction(model).values())))
     per_worker = cfg.train.batch_size // world
     n_img = (cfg.data.resolution // cfg.model.patch_size) ** 2 if cfg.codec.kind == "pixels" else None
     peak = device_peak_flops(device, "bf16" if mp_dtype else "fp32")
     shard = ray.train.get_dataset_shard("train")
-    fail_at = int(os.environ.get("SELFE_FAIL_AT_STEP", "-1"))  # fault injection for tests
+    # Fault injection (tests, drills): {"step": n, "marker": path} kills the last rank once at step n.
+    fault = loop_config.get("fault") or {}
     window = {"images": 0, "data_s": 0.0, "compute_s": 0.0, "start": time.perf_counter()}
     stats: dict[str, float] = {}
     model.train()
@@ -160,11 +160,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
             seen += 1
             batch_in_epoch = seen
-            if step == fail_at and rank == world - 1 and os.environ.get("SELFE_FAIL_ONCE_FILE"):
-                marker = Path(os.environ["SELFE_FAIL_ONCE_FILE"])
+            if fault and step == fault["step"] and rank == world - 1:
+                marker = Path(fault["marker"])
                 if not marker.exists():
                     marker.write_text(str(step))
                     os._exit(1)  # a worker process dying mid-run, as a preempted node would
+            stats["param_fraction"] = param_fraction
             _report(cfg, step, epoch, batch_in_epoch, stats, window, model, ema, optimizer, generator,
                     tracker, loop_config.get("grid"), device, n_img, peak, rank)
             t_wait = time.perf_counter()

@@ -7,9 +7,11 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.utils import ModelOutput
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers takes seconds to import: load it only when an encoder is built
+    from transformers import PreTrainedModel
+    from transformers.utils import ModelOutput
 
 from selfe.encoders.storage import MINILM, load_pretrained, model_id, resolve_model_dir
 
@@ -76,6 +78,8 @@ class TextEncoder:
         self.max_tokens = cfg.max_tokens
         self.device = torch.device(device)
         resolved = resolve_model_dir(cfg.name)
+        from transformers import AutoTokenizer
+
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, resolved)
         # Right padding keeps absolute positions of real tokens fixed and lets `_encode_batch` pad outputs.
         self.tokenizer.padding_side = "right"
@@ -151,6 +155,9 @@ class TextEncoder:
 
 def _load_text_model(resolved: str, dtype: torch.dtype) -> PreTrainedModel:
     """Load only the text-encoding part of the checkpoint at ``resolved``."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
     config = load_pretrained(AutoConfig.from_pretrained, resolved)
     tower = _TEXT_TOWER_CLASSES.get(config.model_type)
     if tower is not None:

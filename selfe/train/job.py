@@ -46,11 +46,10 @@ def ensure_ray(cfg: Config) -> None:
     """Connect to the cluster when one is there (RAY_ADDRESS / ray job submit), else start a local Ray."""
     if ray.is_initialized():
         return
-    env = {"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env})
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
+        ray.init()
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(include_dashboard=False)
 
 
 def storage_filesystem(storage_path: str):
@@ -63,8 +62,13 @@ def storage_filesystem(storage_path: str):
     if not endpoint:
         return None
     scheme = "https" if endpoint.startswith("https") else "http"
-    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
-                                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # Credentials are passed explicitly: the filesystem is pickled to the Train controller and workers,
+    # whose environment may predate the driver's.
+    return pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    )
 
 
 def _storage(storage_path: str) -> tuple[str, object]:

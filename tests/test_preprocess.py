@@ -1,0 +1,342 @@
+"""The Ray Data preprocessing job and its versioned cache (pipelines/preprocess.py, selfe/data/cache.py).
+
+One Ray instance for the module (2 CPUs, as on the CI box). Every fixture is generated here: small
+images, WebDataset tars, Parquet files, and deliberately broken records of every kind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from selfe.config import Config, load_config
+from selfe.configtools import ConfigError
+from selfe.data.cache import (
+    CacheMismatchError,
+    build_cache,
+    cache_dir,
+    cache_key,
+    load_cache,
+    read_manifest,
+    read_null_text,
+)
+from selfe.data.shapes import ShapesConfig, generate_one, spec_to_json
+from selfe.data.transforms import decode_image
+
+LONG_CAPTION = " ".join(["a very long caption about a red square"] * 20)
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server: str) -> Iterator[str]:
+    """Ray on 2 CPUs; started after the moto fixture so workers inherit its fake AWS credentials."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield s3_server
+    ray.shutdown()
+
+
+def make_cfg(cache_root: Path | str, *overrides: str) -> Config:
+    return load_config(overrides=[f"--data.cache_root={cache_root}", "--data.encode_batch_size=16", *overrides])
+
+
+def image_bytes(size: tuple[int, int] = (48, 40), mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def rows_of(path: str, cfg: Config) -> list[dict]:
+    return load_cache(path, cfg).take_all()
+
+
+# ---------------------------------------------------------------- shapes world
+
+
+@pytest.fixture(scope="module")
+def shapes_cache(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, str, dict]:
+    cfg = make_cfg(tmp_path_factory.mktemp("shapes-cache"), "--data.num_samples=40")
+    path, manifest = build_cache(cfg)
+    return cfg, path, manifest
+
+
+def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) -> None:
+    cfg, path, manifest = shapes_cache
+    assert path == cache_dir(cfg) and path.endswith(cache_key(cfg))
+    assert manifest["rows"] == manifest["rows_read"] == 40 and manifest["skipped"] == {}
+    assert manifest["columns"]["latent"] == {"shape": [3, 32, 32], "dtype": "float16"}
+    assert manifest["columns"]["text_tokens"]["shape"] == [32, 384]
+    assert manifest["text_encoder"]["id"].startswith("minilm:") and manifest["codec"]["kind"] == "pixels"
+
+    ds = load_cache(path, cfg)
+    batch = next(iter(ds.drop_columns(["caption", "spec"]).iter_torch_batches(batch_size=8, drop_last=True)))
+    assert batch["latent"].dtype == torch.float16 and batch["latent"].shape == (8, 3, 32, 32)
+    assert batch["text_tokens"].dtype == torch.float16 and batch["text_tokens"].shape == (8, 32, 384)
+    assert batch["text_mask"].dtype == torch.bool and batch["text_mask"].shape == (8, 32)
+    assert batch["text_pooled"].shape == (8, 384)
+    assert batch["text_mask"].any(dim=1).all()
+
+    rows = rows_of(path, cfg)
+    by_spec = {row["spec"]: row for row in rows}
+    image, caption, spec = generate_one(7, 0, ShapesConfig(resolution=32))
+    row = by_spec[spec_to_json(spec)]
+    assert row["caption"] == caption
+    expected = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(torch.as_tensor(row["latent"]).float(), expected, atol=1e-2)
+
+    null = read_null_text(path)
+    assert null["tokens"].shape == (1, 32, 384) and null["tokens"].dtype == torch.float32
+    assert null["mask"].dtype == torch.bool and null["pooled"].shape == (1, 384)
+
+
+def test_rerun_is_a_cache_hit(shapes_cache: tuple[Config, str, dict], capsys: pytest.CaptureFixture) -> None:
+    cfg, path, manifest = shapes_cache
+    again_path, again = build_cache(cfg)
+    assert again_path == path and again == manifest
+    assert f"cache hit: {path} (40 rows)" in capsys.readouterr().out
+
+
+def test_key_depends_on_inputs_not_on_execution(shapes_cache: tuple[Config, str, dict]) -> None:
+    cfg, _, _ = shapes_cache
+    root = cfg.data.cache_root
+    assert cache_key(make_cfg(root, "--data.num_samples=40", "--data.encode_batch_size=7")) == cache_key(cfg)
+    for change in ("--data.seed=1", "--data.resolution=64", "--text.max_tokens=16", "--data.num_samples=41"):
+        assert cache_key(make_cfg(root, "--data.num_samples=40", change)) != cache_key(cfg), change
+
+
+def test_interrupted_run_is_redone_cleanly(shapes_cache: tuple[Config, str, dict], tmp_path: Path) -> None:
+    cfg, path, manifest = shapes_cache
+    # An interrupted build of the same inputs: data written (one file twice), no manifest yet.
+    root = tmp_path / "cache"
+    cfg2 = make_cfg(root, "--data.num_samples=40", "--data.encode_batch_size=7", "--data.decode_cpus=1")
+    broken = Path(cache_dir(cfg2))
+    shutil.copytree(path, broken)
+    (broken / "manifest.json").unlink()
+    first = sorted((broken / "data").glob("*.parquet"))[0]
+    shutil.copy(first, first.with_name("partial-duplicate.parquet"))
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        read_manifest(str(broken))
+
+    path2, manifest2 = build_cache(cfg2)
+    assert path2 == str(broken) and manifest2["rows"] == 40
+    assert not (broken / "data" / "partial-duplicate.parquet").exists()
+    before = sorted((r["spec"], r["caption"], np.asarray(r["latent"]).tobytes()) for r in rows_of(path, cfg))
+    after = sorted((r["spec"], r["caption"], np.asarray(r["latent"]).tobytes()) for r in rows_of(path2, cfg2))
+    assert after == before  # same rows, none twice, whatever the batch size and fusion
+
+
+def test_manifest_mismatch_is_explained(shapes_cache: tuple[Config, str, dict], tmp_path: Path) -> None:
+    _, path, _ = shapes_cache
+    wrong = make_cfg(
+        tmp_path, "--data.resolution=64", "--text.max_tokens=16", "--model.in_channels=4", "--model.text_width=512"
+    )
+    with pytest.raises(CacheMismatchError) as err:
+        load_cache(path, wrong)
+    message = str(err.value)
+    for expected in ("data.resolution=64", "text.max_tokens=16", "model.in_channels=4", "model.text_width=512"):
+        assert expected in message
+    with pytest.raises(FileNotFoundError, match="not a complete cache"):
+        load_cache(str(tmp_path), wrong)
+
+
+# ---------------------------------------------------------------- image folder, WebDataset, Parquet
+
+
+def write_imagefolder(root: Path) -> None:
+    """Good images in several modes plus one record of every failure; see EXPECTED_SKIPS."""
+    root.mkdir(parents=True)
+    files = {
+        "good_rgb.png": image_bytes(),
+        "good_grey.jpg": image_bytes(mode="L", fmt="JPEG", seed=1),
+        "good_alpha.png": image_bytes(mode="RGBA", seed=2),
+        "sub/good_palette.png": image_bytes(mode="P", seed=3),
+        "long.png": image_bytes(seed=4),
+        "sidecar.webp": image_bytes(fmt="WEBP", seed=5),
+        "corrupt.jpg": b"\xff\xd8\xff not really a jpeg",
+        "truncated.png": image_bytes(size=(64, 64), seed=6)[:300],
+        "tiny.png": image_bytes(size=(8, 8)),
+        "sixteen_bit.png": _sixteen_bit_png(),
+        "empty_caption.png": image_bytes(seed=7),
+        "no_caption.png": image_bytes(seed=8),
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "sidecar.txt").write_text("a photo read from a sidecar file\n")
+    records = [{"file_name": n, "text": f"caption of {n}"} for n in files if n not in ("sidecar.webp", "no_caption.png")]
+    records = [r if r["file_name"] != "long.png" else {**r, "text": LONG_CAPTION} for r in records]
+    records = [r if r["file_name"] != "empty_caption.png" else {**r, "text": "   "} for r in records]
+    lines = [json.dumps(r) for r in records] + [json.dumps({"file_name": "ghost.png", "text": "gone"}), "{not json"]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _sixteen_bit_png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(out, format="PNG")
+    return out.getvalue()
+
+
+EXPECTED_SKIPS = {
+    "corrupt_image": 2,
+    "too_small": 1,
+    "unsupported_mode": 1,
+    "missing_caption": 2,
+    "missing_image": 1,
+    "bad_metadata": 1,
+}
+
+
+def test_imagefolder_counts_every_bad_record(ray_session: str, tmp_path: Path) -> None:
+    write_imagefolder(tmp_path / "src")
+    cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'src'}")
+    path, manifest = build_cache(cfg)
+    assert manifest["source"]["format"] == "imagefolder"
+    assert manifest["skipped"] == EXPECTED_SKIPS
+    assert manifest["rows"] == 6 and manifest["rows_read"] == 6 + sum(EXPECTED_SKIPS.values())
+    assert manifest["truncated_captions"] == 1 and manifest["truncated_examples"] == ["long.png"]
+    assert "corrupt.jpg" in manifest["skipped_examples"]["corrupt_image"]
+    rows = rows_of(path, cfg)
+    captions = {r["caption"] for r in rows}
+    assert "a photo read from a sidecar file" in captions and LONG_CAPTION in captions
+    assert {r["spec"] for r in rows} == {""}
+    assert all(np.asarray(r["text_mask"]).sum() == 32 for r in rows if r["caption"] == LONG_CAPTION)
+
+
+def test_decode_composites_alpha_on_white_and_crops_centre() -> None:
+    transparent = Image.new("RGBA", (40, 20), (255, 0, 0, 0))
+    out = io.BytesIO()
+    transparent.save(out, format="PNG")
+    pixels, reason = decode_image(out.getvalue(), resolution=16, min_size=8)
+    assert reason == "" and pixels.shape == (16, 16, 3) and (pixels == 255).all()
+    assert decode_image(b"", 16, 8) == (None, "missing_image")
+
+
+def write_shards(root: Path) -> None:
+    root.mkdir(parents=True)
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(root / "shard-000.tar", "w") as tar:
+        add(tar, "a/000.jpg", image_bytes(fmt="JPEG"))
+        add(tar, "a/000.txt", b"a jpeg with a txt caption")
+        add(tar, "a/001.png", image_bytes(seed=1))
+        add(tar, "a/001.json", json.dumps({"text": "a png with a json caption", "width": 48}).encode())
+        add(tar, "a/002.webp", image_bytes(fmt="WEBP", seed=2))
+        add(tar, "a/002.txt", b"a webp")
+        add(tar, "a/003.jpg", b"garbage")
+        add(tar, "a/003.txt", b"a corrupt image")
+        add(tar, "a/004.txt", b"a caption without an image")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(3):
+            add(tar, f"{i:03d}.png", image_bytes(size=(64, 64), seed=10 + i))
+            add(tar, f"{i:03d}.txt", f"sample {i} of a shard cut short".encode())
+    whole = buf.getvalue()
+    third_png = whole.index(b"002.png")
+    (root / "shard-001.tar").write_bytes(whole[: third_png + 512 + 100])  # ends inside the third image
+
+
+def test_webdataset_shards(ray_session: str, tmp_path: Path) -> None:
+    write_shards(tmp_path / "shards")
+    cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'shards'}")
+    path, manifest = build_cache(cfg)
+    assert manifest["source"]["format"] == "webdataset"
+    assert manifest["skipped"] == {"corrupt_image": 1, "missing_image": 1, "corrupt_shard": 1}
+    assert manifest["rows"] == 5  # 3 from the good shard, 2 read before the cut
+    captions = {r["caption"] for r in rows_of(path, cfg)}
+    assert {"a jpeg with a txt caption", "a png with a json caption", "sample 1 of a shard cut short"} <= captions
+
+
+def test_parquet_source_with_custom_columns(ray_session: str, tmp_path: Path) -> None:
+    (tmp_path / "pq").mkdir()
+    table = pa.table({
+        "jpeg": pa.array([image_bytes(seed=i) for i in range(3)] + [b"\x00\x01", None, image_bytes()], pa.binary()),
+        "prompt": ["one", "two", "three", "four", "five", None],
+        "extra": list(range(6)),
+    })
+    pq.write_table(table, tmp_path / "pq" / "part-0.parquet")
+    base = [f"--data.source={tmp_path / 'pq'}", "--data.caption_column=prompt"]
+    with pytest.raises(ConfigError, match=r"no column\(s\) \['image'\].*'jpeg'"):
+        build_cache(make_cfg(tmp_path / "cache", *base))
+    cfg = make_cfg(tmp_path / "cache", *base, "--data.image_column=jpeg")
+    path, manifest = build_cache(cfg)
+    assert manifest["source"]["format"] == "parquet"
+    assert manifest["skipped"] == {"corrupt_image": 1, "missing_image": 1, "missing_caption": 1}
+    assert sorted(r["caption"] for r in rows_of(path, cfg)) == ["one", "three", "two"]
+
+
+def test_missing_source_fails_before_any_work(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="data.source .*nowhere"):
+        build_cache(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------- S3 (moto on 127.0.0.1)
+
+
+def test_s3_round_trip(ray_session: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import boto3
+
+    endpoint = ray_session
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="prep")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        s3.put_object(Bucket="prep", Key=f"images/{i}.png", Body=image_bytes(seed=i))
+        s3.put_object(Bucket="prep", Key=f"images/{i}.txt", Body=f"s3 image {i}".encode())
+    s3.put_object(Bucket="prep", Key="images/bad.png", Body=b"broken")
+    s3.put_object(Bucket="prep", Key="images/bad.txt", Body=b"a broken image")
+
+    over = ["--data.source=s3://prep/images", f"--data.s3_endpoint={endpoint}"]
+    cfg = make_cfg("s3://prep/cache", *over)
+    path, manifest = build_cache(cfg)
+    assert path.startswith("s3://prep/cache/") and manifest["rows"] == 4
+    assert manifest["skipped"] == {"corrupt_image": 1}
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="prep", Prefix="cache/")["Contents"]]
+    assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith(".parquet") for k in keys)
+    assert sorted(r["caption"] for r in rows_of(path, cfg)) == [f"s3 image {i}" for i in range(4)]
+    assert read_null_text(path, endpoint)["tokens"].shape == (1, 32, 384)
+    capsys.readouterr()
+    build_cache(cfg)
+    assert "cache hit" in capsys.readouterr().out
+
+    with pytest.raises(FileNotFoundError, match="bucket 'no-such-bucket' does not exist"):
+        build_cache(make_cfg("s3://no-such-bucket/cache", *over))
+    with pytest.raises(FileNotFoundError, match="s3://prep/missing"):
+        build_cache(make_cfg("s3://prep/cache", "--data.source=s3://prep/missing", f"--data.s3_endpoint={endpoint}"))
+
+
+def test_s3_without_usable_credentials_names_the_problem(
+    s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        (tmp_path / name).write_text("")
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    cfg = make_cfg("s3://prep/cache", "--data.source=s3://prep/images", f"--data.s3_endpoint={s3_server}")
+    with pytest.raises(PermissionError, match="no AWS credentials found to read data.cache_root s3://prep/cache"):
+        build_cache(cfg)
+    monkeypatch.setenv("AWS_PROFILE", "nobody")
+    with pytest.raises(PermissionError, match="cannot load AWS credentials .*nobody"):
+        build_cache(cfg)

@@ -75,12 +75,35 @@ class DataConfig:
     """Rows per encoder batch in the preprocessing actors."""
     encode_actors: int = 1
     """Size of the preprocessing actor pool."""
+    encode_cpus: float = 1.0
+    """CPUs reserved per encoder actor (also its torch threads on CPU). Leave cores for the read tasks:
+    on a 2-core machine, one actor at 1 CPU."""
+    encode_gpus: float | None = None
+    """GPUs per encoder actor; None: 1 when the Ray cluster has GPUs, else 0."""
+    decode_cpus: float = 0.5
+    """CPUs reserved per read/decode task. Differing from ``encode_cpus`` also keeps Ray Data from
+    fusing decoding into the encoder actors, where it would run serially in front of the encoders."""
+    image_column: str = "image"
+    """Parquet sources: column of encoded image bytes (or a Hugging Face ``{bytes, path}`` struct)."""
+    caption_column: str = "text"
+    """Caption field: Parquet column, ``metadata.jsonl`` key, WebDataset ``.json`` key."""
+    s3_endpoint: str = ""
+    """Endpoint URL of an S3-compatible store (MinIO, Ceph); empty: $AWS_ENDPOINT_URL_S3,
+    $AWS_ENDPOINT_URL, else AWS."""
 
     def validate(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"data.resolution must be a multiple of 8 and >= 8, got {self.resolution}")
         if self.num_samples < 1 or self.encode_batch_size < 1 or self.encode_actors < 1:
             raise ConfigError("data.num_samples, data.encode_batch_size and data.encode_actors must be >= 1")
+        if self.source_format not in ("auto", "imagefolder", "webdataset", "parquet"):
+            raise ConfigError(
+                f"data.source_format must be auto, imagefolder, webdataset or parquet, got {self.source_format!r}"
+            )
+        if self.encode_cpus <= 0 or self.decode_cpus <= 0:
+            raise ConfigError("data.encode_cpus and data.decode_cpus must be > 0 (fractions are allowed)")
+        if self.encode_gpus is not None and self.encode_gpus < 0:
+            raise ConfigError("data.encode_gpus must be >= 0, or none for one per actor when GPUs exist")
 
 
 @dataclass
@@ -107,6 +130,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0
     """Log sample grids every this many steps (0: only at the end)."""
+    eval_every: int = 0
+    """Score GenEval-lite at eval.periodic_steps every this many steps inside training (0: never);
+    reported as the metric ``geneval_fewstep`` (what Tune's scheduler ranks trials by)."""
     storage_path: str = "outputs/ray_results"
     """Ray Train storage (local dir or s3://) for checkpoints."""
     run_name: str = ""
@@ -142,6 +168,10 @@ class EvalConfig:
     batch_size: int = 128
     grid_prompts: int = 8
     """Prompts in each sample grid."""
+    periodic_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Step counts averaged by the in-training evaluation (train.eval_every)."""
+    periodic_per_task: int = 4
+    """Prompts per task (and split) in the in-training evaluation."""
     untrained_reference: bool = True
     """Also score an untrained model (same seed) at 4 steps, as the floor to compare with."""
 

@@ -84,13 +84,24 @@ def default_run_name() -> str:
     return time.strftime("selfe-%Y%m%d-%H%M%S")
 
 
-def grid_inputs(cfg: Config, text: TextEncoder, null: dict, latent_size: int) -> dict:
-    """Fixed prompts for the periodic sample grids, encoded once on the driver."""
-    prompts = [r["prompt"] for r in select_prompts(cfg.eval.prompt_set, max_per_task=2)][: cfg.eval.grid_prompts]
+def encoded_prompts(text: TextEncoder, records: list[dict], latent_size: int) -> dict:
+    """Prompts the workers sample during training (grids, periodic eval), encoded once on the driver."""
+    prompts = [r["prompt"] for r in records]
     emb = text.encode(prompts)
-    return {"prompts": prompts, "tokens": emb.tokens, "mask": emb.mask, "pooled": emb.pooled,
-            "null_tokens": null["tokens"], "null_mask": null["mask"], "null_pooled": null["pooled"],
-            "latent_size": latent_size, "codec": cfg.codec}
+    return {"prompts": prompts, "records": records, "tokens": emb.tokens, "mask": emb.mask, "pooled": emb.pooled,
+            "latent_size": latent_size}
+
+
+def loop_inputs(cfg: Config, text: TextEncoder, null: dict, latent_size: int, mlflow_run_id: str | None) -> dict:
+    """Everything ``train_loop_per_worker`` receives besides the dataset."""
+    grid = select_prompts(cfg.eval.prompt_set, max_per_task=2)[: cfg.eval.grid_prompts]
+    periodic = select_prompts(cfg.eval.prompt_set, max_per_task=cfg.eval.periodic_per_task)
+    return {
+        "config": asdict(cfg), "null_text": null, "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "grid": encoded_prompts(text, grid, latent_size) if cfg.train.sample_every else None,
+        "periodic_eval": encoded_prompts(text, periodic, latent_size) if cfg.train.eval_every else None,
+    }
 
 
 def _mlflow_run(cfg: Config, run_name: str) -> str | None:
@@ -160,13 +171,9 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     cache_path, manifest = build_cache(cfg)
     null = read_null_text(cache_path)
     text = TextEncoder(cfg.text)
-    latent_size = manifest["latent_shape"][-1] if "latent_shape" in manifest else cfg.data.resolution
+    latent_size = manifest["columns"]["latent"]["shape"][-1]
     mlflow_run_id = _mlflow_run(cfg, run_name)
-    loop_config = {
-        "config": asdict(cfg), "null_text": null, "mlflow_run_id": mlflow_run_id,
-        "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
-        "grid": grid_inputs(cfg, text, null, latent_size) if cfg.train.sample_every else None,
-    }
+    loop_config = loop_inputs(cfg, text, null, latent_size, mlflow_run_id)
     t0 = time.time()
     result = fit(cfg, run_name, {"train": load_cache(cache_path, cfg)}, loop_config)
     train_seconds = time.time() - t0

@@ -1,7 +1,8 @@
 """The Ray Train per-worker loop: FSDP2 Self-E training over a Ray Data shard with DCP checkpoints.
 
-Every rank runs the same sequence of collectives: one training step, the EMA update, and the
-same number of ``ray.train.report`` calls (a barrier), whatever its data holds.
+Every rank runs the same sequence of collectives: one training step, the EMA update, the same
+sampling passes and the same number of ``ray.train.report`` calls (a barrier), whatever its
+data holds. Which of those happen depends only on the step counter.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from selfe.train.parallel import build_sharded_model, local_fraction
 from selfe.train.step import Batch, build_optimizer, lr_at, train_step
 
 STRING_COLUMNS = ("caption", "spec")
+FEWSTEP_METRIC = "geneval_fewstep"
 
 
 def config_from_dict(data: dict) -> Config:
@@ -36,32 +38,18 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.use_gpu and torch.cuda.is_available():
-        return ray.train.torch.get_device()
-    return torch.device("cpu")
-
-
-def _precision(cfg: Config, device: torch.device) -> torch.dtype | None:
-    mode = cfg.train.mixed_precision
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+def _cond(d: dict, device: torch.device, prefix: str = "") -> TextCond:
+    return TextCond(*(d[f"{prefix}{k}"].to(device) for k in ("tokens", "mask", "pooled")))
 
 
 def _to_batch(raw: dict, device: torch.device) -> Batch:
     """Cache columns -> fp32 tensors on device."""
-    cond = TextCond(
-        raw["text_tokens"].to(device, torch.float32),
-        raw["text_mask"].to(device, torch.bool),
-        raw["text_pooled"].to(device, torch.float32),
-    )
+    cond = TextCond(raw["text_tokens"].to(device, torch.float32), raw["text_mask"].to(device, torch.bool),
+                    raw["text_pooled"].to(device, torch.float32))
     fake = None
     if "fake_tokens" in raw:
-        fake = TextCond(
-            raw["fake_tokens"].to(device, torch.float32), raw["fake_mask"].to(device, torch.bool),
-            raw["fake_pooled"].to(device, torch.float32),
-        )
+        fake = TextCond(raw["fake_tokens"].to(device, torch.float32), raw["fake_mask"].to(device, torch.bool),
+                        raw["fake_pooled"].to(device, torch.float32))
     return Batch(raw["latent"].to(device, torch.float32), cond, fake)
 
 
@@ -71,159 +59,189 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def _sample_grid(cfg: Config, ema, grid: dict, device, step_counts: list[int]) -> dict[int, np.ndarray]:
-    """Sample the fixed grid prompts with the EMA at each step count (all ranks: FSDP needs them)."""
-    cond = TextCond(*(grid[k].to(device) for k in ("tokens", "mask", "pooled")))
-    null = TextCond(*(grid[f"null_{k}"].to(device) for k in ("tokens", "mask", "pooled")))
-    shape = (cond.tokens.shape[0], cfg.model.in_channels, grid["latent_size"], grid["latent_size"])
-    out = {}
-    for steps in step_counts:
-        g = torch.Generator(device).manual_seed(cfg.eval.seed)
-        noise = torch.randn(shape, generator=g, device=device)
-        sc = SamplerConfig(**{**vars(cfg.sampler), "steps": steps})
-        x, _ = sample(ema, noise, cond, null, sc, cfg.model.patch_size, generator=g)
-        out[steps] = x.float().cpu().numpy()
-    return out
+class WorkerLoop:
+    """State of one rank: sharded model and EMA, optimiser, RNG, progress counters and timers."""
 
+    def __init__(self, loop_config: dict) -> None:
+        cfg = self.cfg = config_from_dict(loop_config["config"])
+        self.loop_config = loop_config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if cfg.train.threads_per_worker:
+            torch.set_num_threads(cfg.train.threads_per_worker)
+        use_cuda = cfg.train.use_gpu and torch.cuda.is_available()
+        self.device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+        mode = cfg.train.mixed_precision
+        mp_dtype = torch.bfloat16 if mode == "bf16" or (mode == "auto" and use_cuda) else None
+        t = cfg.train
+        self.model = build_sharded_model(cfg.model, self.device, t.seed, t.fsdp, mp_dtype, t.activation_checkpointing)
+        # The EMA is sharded exactly like the online model, so its forwards gather shards the same way.
+        self.ema = make_ema(self.model, build_sharded_model(cfg.model, self.device, t.seed, t.fsdp, mp_dtype))
+        self.objective = SelfEObjective(cfg.objective)
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.beta1, o.beta2, o.weight_decay)
+        self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + 17 + self.rank)
+        self.null = _cond(loop_config["null_text"], self.device)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.per_worker = t.batch_size // self.world
+        self.n_img = (cfg.data.resolution // cfg.model.patch_size) ** 2 if cfg.codec.kind == "pixels" else None
+        self.peak = device_peak_flops(self.device, "bf16" if mp_dtype else "fp32")
+        # Share of each parameter this rank stores (about 1 / world under FSDP).
+        self.param_fraction = float(np.mean(list(local_fraction(self.model).values())))
+        self.fewstep = 0.0  # last periodic GenEval-lite score, carried in every report (Tune needs it)
+        self.window = {"images": 0, "data_s": 0.0, "compute_s": 0.0, "start": time.perf_counter()}
+        self.tracker = self._tracker()
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point given to ``TorchTrainer``. ``loop_config``: {"config": resolved Config dict,
-    "null_text": {...}, "grid": {...} or None, "mlflow_run_id": str or None}."""
-    cfg = config_from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.train.threads_per_worker:
-        torch.set_num_threads(cfg.train.threads_per_worker)
-    device = _device(cfg)
-    mp_dtype = _precision(cfg, device)
-    model = build_sharded_model(
-        cfg.model, device, cfg.train.seed, cfg.train.fsdp, mp_dtype, cfg.train.activation_checkpointing
-    )
-    # The EMA is sharded exactly like the online model, so its forwards gather shards the same way.
-    ema = make_ema(model, build_sharded_model(cfg.model, device, cfg.train.seed, cfg.train.fsdp, mp_dtype))
-    objective = SelfEObjective(cfg.objective)
-    o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.beta1, o.beta2, o.weight_decay)
-    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + 17 + rank)
-    null = TextCond(*(loop_config["null_text"][k].to(device) for k in ("tokens", "mask", "pooled")))
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            progress = load_checkpoint(ckpt_dir, model, ema, optimizer, generator)
-        step, epoch, batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
-        if rank == 0:
-            print(f"[selfe] resumed from step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
-
-    tracker = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
+    def _tracker(self):
+        if self.rank != 0 or not self.loop_config.get("mlflow_run_id"):
+            return None
         import mlflow
 
         from selfe.tracking import RunLogger
 
-        if loop_config.get("tracking_uri"):  # workers do not inherit the driver's mlflow state
-            mlflow.set_tracking_uri(loop_config["tracking_uri"])
-        tracker = RunLogger(loop_config["mlflow_run_id"])
+        if self.loop_config.get("tracking_uri"):  # workers do not inherit the driver's mlflow state
+            mlflow.set_tracking_uri(self.loop_config["tracking_uri"])
+        return RunLogger(self.loop_config["mlflow_run_id"])
 
-    # Share of each parameter this rank stores (about 1 / world under FSDP), reported with metrics.
-    param_fraction = float(np.mean(list(local_fraction(model).values())))
-    per_worker = cfg.train.batch_size // world
-    n_img = (cfg.data.resolution // cfg.model.patch_size) ** 2 if cfg.codec.kind == "pixels" else None
-    peak = device_peak_flops(device, "bf16" if mp_dtype else "fp32")
-    shard = ray.train.get_dataset_shard("train")
-    # Fault injection (tests, drills): {"step": n, "marker": path} kills the last rank once at step n.
-    fault = loop_config.get("fault") or {}
-    window = {"images": 0, "data_s": 0.0, "compute_s": 0.0, "start": time.perf_counter()}
-    stats: dict[str, float] = {}
-    model.train()
-    while step < cfg.train.steps:
-        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True)
-        seen = 0
-        t_wait = time.perf_counter()
-        for raw in batches:
-            if seen < batch_in_epoch:  # resuming mid-epoch: skip what the checkpoint already trained on
+    def restore(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as ckpt_dir:
+            progress = load_checkpoint(ckpt_dir, self.model, self.ema, self.optimizer, self.generator)
+        self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+        if self.rank == 0:
+            print(f"[selfe] resumed from step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})",
+                  flush=True)
+
+    def run(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        shard = ray.train.get_dataset_shard("train")
+        fault = self.loop_config.get("fault") or {}  # {"step": n, "marker": path}: kill the last rank once
+        self.model.train()
+        while self.step < cfg.train.steps:
+            seen, t_wait = 0, time.perf_counter()
+            for raw in shard.iter_torch_batches(batch_size=self.per_worker, drop_last=True):
                 seen += 1
+                if seen <= self.batch_in_epoch:  # resuming mid-epoch: skip what the checkpoint trained on
+                    t_wait = time.perf_counter()
+                    continue
+                batch = _to_batch(raw, self.device)
+                t_compute = time.perf_counter()
+                lr = lr_at(self.step, o.lr, o.lr_end, o.warmup_steps, cfg.train.steps)
+                stats = train_step(self.model, self.ema, self.objective, self.optimizer, batch, self.null, self.step,
+                                   lr, o.grad_clip, cfg.ema, generator=self.generator)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.window["images"] += self.per_worker * self.world
+                self.window["data_s"] += t_compute - t_wait
+                self.window["compute_s"] += time.perf_counter() - t_compute
+                self.step += 1
+                self.batch_in_epoch = seen
+                if fault and self.step == fault["step"] and self.rank == self.world - 1:
+                    marker = Path(fault["marker"])
+                    if not marker.exists():
+                        marker.write_text(str(self.step))
+                        os._exit(1)  # a worker process dying mid-run, as a preempted node would
+                self.report(stats)
                 t_wait = time.perf_counter()
+                if self.step >= cfg.train.steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
                 continue
-            batch = _to_batch(raw, device)
-            t_compute = time.perf_counter()
-            lr = lr_at(step, o.lr, o.lr_end, o.warmup_steps, cfg.train.steps)
-            stats = train_step(model, ema, objective, optimizer, batch, null, step, lr, o.grad_clip, cfg.ema,
-                               generator=generator)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t_done = time.perf_counter()
-            window["images"] += per_worker * world
-            window["data_s"] += t_compute - t_wait
-            window["compute_s"] += t_done - t_compute
-            step += 1
-            seen += 1
-            batch_in_epoch = seen
-            if fault and step == fault["step"] and rank == world - 1:
-                marker = Path(fault["marker"])
-                if not marker.exists():
-                    marker.write_text(str(step))
-                    os._exit(1)  # a worker process dying mid-run, as a preempted node would
-            stats["param_fraction"] = param_fraction
-            _report(cfg, step, epoch, batch_in_epoch, stats, window, model, ema, optimizer, generator,
-                    tracker, loop_config.get("grid"), device, n_img, peak, rank)
-            t_wait = time.perf_counter()
-            if step >= cfg.train.steps:
-                break
+            break
+        if self.tracker is not None:
+            self.tracker.flush()
+
+    def report(self, stats: dict[str, float]) -> None:
+        """Log every ``log_every`` steps, sample grids / evaluate / checkpoint on their schedules."""
+        t, step = self.cfg.train, self.step
+        last = step >= t.steps
+        due = lambda every: bool(every) and (step % every == 0 or last)  # noqa: E731
+        do_ckpt, do_log = due(t.checkpoint_every), due(t.log_every)
+        do_grid = self.loop_config.get("grid") is not None and due(t.sample_every)
+        do_eval = self.loop_config.get("periodic_eval") is not None and due(t.eval_every)
+        if not (do_ckpt or do_log or do_grid or do_eval):
+            return
+        metrics: dict[str, float] = {"step": step, "epoch": self.epoch}
+        if do_eval:
+            self.fewstep = self._periodic_eval()
+        if do_log:
+            metrics.update(self._throughput(stats))
+        if self.loop_config.get("periodic_eval") is not None:
+            metrics[FEWSTEP_METRIC] = self.fewstep
+        if self.tracker is not None and (do_log or do_eval):
+            self.tracker.log_metrics(metrics, step)
+            if do_log:
+                print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
+                      f"{metrics.get('images_per_s', 0):.1f} img/s", flush=True)
+        if do_grid:
+            grid = self.loop_config["grid"]
+            latents = {s: self._sample(grid, s) for s in self.cfg.eval.steps}
+            if self.tracker is not None:
+                self.tracker.log_grids(latents, step, grid["prompts"], self.cfg.codec)
+        if do_ckpt:
+            progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, self.model, self.ema, self.optimizer, progress, self.generator)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
-            epoch += 1
-            batch_in_epoch = 0
-            continue
-        break
-    if tracker is not None:
-        tracker.flush()
+            ray.train.report(metrics)
 
-
-def _report(cfg, step, epoch, batch_in_epoch, stats, window, model, ema, optimizer, generator, tracker, grid,
-            device, n_img, peak, rank) -> None:
-    """Log every ``log_every`` steps; checkpoint every ``checkpoint_every`` steps and at the end.
-
-    All ranks take the same branches (they depend only on ``step``), so reports stay in lockstep.
-    """
-    last = step >= cfg.train.steps
-    do_ckpt = last or step % cfg.train.checkpoint_every == 0
-    do_log = last or step % cfg.train.log_every == 0
-    do_grid = grid is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0
-    if not (do_ckpt or do_log or do_grid):
-        return
-    metrics: dict[str, float] = {"step": step, "epoch": epoch}
-    if do_log:
-        elapsed = time.perf_counter() - window["start"]
-        imgs = window["images"]
-        metrics.update({k: v for k, v in stats.items() if isinstance(v, (int, float))})
-        metrics.update(
-            images_per_s=imgs / max(elapsed, 1e-9),
-            data_wait_s=window["data_s"], compute_s=window["compute_s"],
-            data_wait_frac=window["data_s"] / max(window["data_s"] + window["compute_s"], 1e-9),
-            peak_mem_gb=_peak_memory_gb(device),
+    def _throughput(self, stats: dict[str, float]) -> dict[str, float]:
+        w = self.window
+        elapsed = time.perf_counter() - w["start"]
+        out = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+        out.update(
+            param_fraction=self.param_fraction, images_per_s=w["images"] / max(elapsed, 1e-9),
+            data_wait_s=w["data_s"], compute_s=w["compute_s"],
+            data_wait_frac=w["data_s"] / max(w["data_s"] + w["compute_s"], 1e-9),
+            peak_mem_gb=_peak_memory_gb(self.device),
         )
-        if n_img:
-            metrics["tokens_per_s"] = metrics["images_per_s"] * n_img
-            flops = train_flops_per_image(cfg.model, n_img, cfg.text.max_tokens, cfg.objective.method,
-                                          cfg.objective.p_s_equals_t)
+        if self.n_img:
+            out["tokens_per_s"] = out["images_per_s"] * self.n_img
+            flops = train_flops_per_image(self.cfg.model, self.n_img, self.cfg.text.max_tokens,
+                                          self.cfg.objective.method, self.cfg.objective.p_s_equals_t)
             world = dist.get_world_size() if dist.is_initialized() else 1
-            m = mfu(flops * imgs / max(window["compute_s"], 1e-9) / world, peak)  # per-device FLOP/s
+            m = mfu(flops * w["images"] / max(w["compute_s"], 1e-9) / world, self.peak)  # per-device FLOP/s
             if m is not None:
-                metrics["mfu"] = m
-        window.update(images=0, data_s=0.0, compute_s=0.0, start=time.perf_counter())
-        if tracker is not None:
-            tracker.log_metrics(metrics, step)
-            print(f"[selfe] step {step}/{cfg.train.steps} loss {metrics.get('loss', float('nan')):.4f} "
-                  f"{metrics['images_per_s']:.1f} img/s", flush=True)
-    if do_grid:
-        grids = _sample_grid(cfg, ema, grid, device, cfg.eval.steps)
-        if tracker is not None:
-            tracker.log_grids(grids, step, grid.get("prompts", []), grid.get("codec"))
-    if do_ckpt:
-        progress = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, model, ema, optimizer, progress, generator)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+                out["mfu"] = m
+        w.update(images=0, data_s=0.0, compute_s=0.0, start=time.perf_counter())
+        return out
+
+    @torch.no_grad()
+    def _sample(self, prompts: dict, steps: int) -> np.ndarray:
+        """EMA samples for pre-encoded prompts (on every rank: the sharded EMA needs them all)."""
+        cfg = self.cfg
+        cond = _cond(prompts, self.device)
+        size = prompts["latent_size"]
+        g = torch.Generator(self.device).manual_seed(cfg.eval.seed)
+        noise = torch.randn((cond.tokens.shape[0], cfg.model.in_channels, size, size), generator=g, device=self.device)
+        sc = SamplerConfig(**{**vars(cfg.sampler), "steps": steps})
+        x, _ = sample(self.ema, noise, cond, self.null, sc, cfg.model.patch_size, generator=g)
+        return x.float().cpu().numpy()
+
+    def _periodic_eval(self) -> float:
+        """Mean GenEval-lite overall over the few-step counts (default 1, 2, 4): the quick quality
+        signal Tune's scheduler ranks trials by. Every rank samples; all compute the same score."""
+        from selfe.encoders.image import build_codec, tensor_to_images
+        from selfe.eval.geneval_lite import evaluate
+
+        pe = self.loop_config["periodic_eval"]
+        codec = build_codec(self.cfg.codec)
+        scores = []
+        for steps in self.cfg.eval.periodic_steps:
+            images = tensor_to_images(codec.decode(torch.from_numpy(self._sample(pe, steps))))
+            scores.append(evaluate(list(images), pe["records"])[1]["overall"])
+        return float(np.mean(scores))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point given to ``TorchTrainer``. ``loop_config``: {"config": resolved Config dict,
+    "null_text": {...}, "grid": prompts dict or None, "periodic_eval": prompts dict or None,
+    "mlflow_run_id": str or None, "tracking_uri": str, "fault": dict or None}."""
+    loop = WorkerLoop(loop_config)
+    loop.restore()
+    loop.run()

@@ -21,7 +21,7 @@ from selfe.encoders.image import ImageCodec, build_codec, tensor_to_images
 from selfe.encoders.text import TextEncoder
 from selfe.model import MMDiT, build_model
 from selfe.objective import TextCond
-from selfe.sampling import sample
+from selfe.sampling import randn_rows, sample
 
 WEIGHTS, CONFIG, INFO = "weights.safetensors", "config.toml", "model_info.json"
 
@@ -66,12 +66,9 @@ class ImageGenerator:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
             cond = self.encode_prompts(chunk)
-            noise = torch.stack([
-                torch.randn(c, self.latent_size, self.latent_size, generator=torch.Generator().manual_seed(seed * 100_003 + start + i))
-                for i in range(len(chunk))
-            ]).to(self.device)
-            g = torch.Generator(self.device).manual_seed(seed + start)
-            latents, nfe = sample(self.model, noise, cond, self.null, sc, self.cfg.model.patch_size, generator=g)
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
+            noise = randn_rows(torch.empty(len(chunk), c, self.latent_size, self.latent_size), gens).to(self.device)
+            latents, nfe = sample(self.model, noise, cond, self.null, sc, self.cfg.model.patch_size, generator=gens)
             out.append(tensor_to_images(self.codec.decode(latents)))
         return np.concatenate(out), nfe
 

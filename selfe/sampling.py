@@ -68,9 +68,18 @@ def guided_velocity(
     return guided * (norm_c / norm_g).view(-1, 1, 1, 1).to(guided.dtype)
 
 
-def ddim_step(
-    x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eta: float, generator: torch.Generator | None
-) -> torch.Tensor:
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn_rows(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``; a list of generators draws row i from generator i,
+    so an image's noise does not depend on which batch it is sampled in."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device) for g in generator]).to(x.device)
+    return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+
+def ddim_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eta: float, generator: Generators) -> torch.Tensor:
     """One move from t to t' on x_t = (1 - t) x0 + t eps.
 
     x0_hat = x - t v, eps_hat = x + (1 - t) v, sigma = max(t' - eta (t - t') t' / t, 0),
@@ -84,8 +93,7 @@ def ddim_step(
     out = (1.0 - t_next) * x0_hat + sigma * eps_hat
     fresh = max(t_next**2 - sigma**2, 0.0) ** 0.5
     if fresh > 0:
-        z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        out = out + fresh * z
+        out = out + fresh * randn_rows(x, generator)
     return out
 
 
@@ -97,7 +105,7 @@ def sample(
     null_cond: TextCond,
     cfg: SamplerConfig,
     patch_size: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, int]:
     """Generate x0 from ``noise`` (B, C, H, W) in ``cfg.steps`` steps.
 

@@ -75,4 +75,4 @@ def test_ray_job_submit_trains_and_registers(cluster, tmp_path):
     assert status == "SUCCEEDED", logs[-3000:]
     assert "selfe training finished" in logs
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    assert client.get_model_version_by_alias("selfe", "candidate").version == "1"
+    assert str(client.get_model_version_by_alias("selfe", "candidate").version) == "1"

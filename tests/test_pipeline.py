@@ -57,7 +57,7 @@ def test_run_is_tracked_and_registered(trained):
     artifacts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "samples")}
     assert "samples/final_grid.png" in artifacts and "samples/grid_step0000004.png" in artifacts
     for alias in ("candidate", "champion"):
-        assert client.get_model_version_by_alias("selfe", alias).version == "1"
+        assert str(client.get_model_version_by_alias("selfe", alias).version) == "1"
     grid = np.asarray(Image.open(res.grid_path))
     assert grid.shape[0] > 2 * 32 and grid.std() > 0  # two rows of samples, not a blank image
     assert json.loads((Path(res.model_dir) / "model_info.json").read_text())["step"] == 4
@@ -95,7 +95,7 @@ def test_resubmitting_the_run_name_resumes_the_same_mlflow_run(trained, workdir)
     assert second.mlflow_run_id == first.mlflow_run_id and second.final_step == 6
     steps = [m.step for m in MlflowClient().get_metric_history(second.mlflow_run_id, "loss")]
     assert steps == [1, 2, 3, 4, 5, 6]  # continued from the step-4 checkpoint, nothing repeated
-    assert MlflowClient().get_model_version_by_alias("selfe", "candidate").version == "2"
+    assert str(MlflowClient().get_model_version_by_alias("selfe", "candidate").version) == "2"
 
 
 def test_checkpoints_on_s3(workdir, s3_server, monkeypatch):

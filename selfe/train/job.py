@@ -68,6 +68,8 @@ def storage_filesystem(storage_path: str):
         endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
         region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        # Small objects as one PUT: S3-compatible servers (moto 5) mishandle CompleteMultipartUpload.
+        allow_delayed_open=True,
     )
 
 

@@ -1,0 +1,359 @@
+"""The versioned Parquet cache that training reads: key, layout, manifest, build and load.
+
+Layout of one cache, ``<data.cache_root>/<cache_key(cfg)>/`` (a local folder or an ``s3://`` prefix)::
+
+    data/*.parquet           latent f16 (C, h, w) | text_tokens f16 (L, D) | text_mask bool (L,)
+                             | text_pooled f16 (Dp,) | caption str | spec str (JSON; "" unless shapes)
+    null_text.safetensors    the text encoder's embedding of "" (tokens, mask, pooled)
+    manifest.json            written last: the commit marker
+
+A folder without ``manifest.json`` is an interrupted build: the next build deletes it (manifest first,
+then everything else) and writes it again from scratch, so rows are never appended twice and a
+half-written cache never looks complete. The same protocol works on S3, which has no rename.
+
+The key hashes everything that changes the rows (source, resolution, codecs and their weights,
+``max_tokens``, ...) but not how the job runs (batch size, actor count). It hashes the source's
+*location*, not its contents: after changing files in place, rebuild with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from selfe.config import Config
+from selfe.data.sources import (
+    byte_source_dataset,
+    check_location,
+    detect_format,
+    filesystem_for,
+    list_files,
+    shapes_dataset,
+)
+from selfe.data.transforms import EncodeBatch, Ledger, build_encoders, decode_batch, encoder_info
+
+FORMAT_VERSION = 1
+"""Bump when the row schema or layout changes: every key changes with it."""
+MANIFEST = "manifest.json"
+NULL_TEXT = "null_text.safetensors"
+DATA_DIR = "data"
+_TARGET_FILE_BYTES = 64 << 20
+
+log = logging.getLogger(__name__)
+
+
+class CacheMismatchError(ValueError):
+    """A cache was built for a different model/encoder configuration than the one training uses."""
+
+
+# ---------------------------------------------------------------- key and layout
+
+
+@functools.lru_cache(maxsize=16)
+def _model_identity(location: str) -> str:
+    """Name plus content fingerprint for models on local disk; the location itself otherwise.
+
+    S3 and hub models are not downloaded just to name the cache; their location stands for them.
+    """
+    from selfe.encoders.storage import MINILM, is_hub_id, model_id, resolve_model_dir
+
+    if location == MINILM or (location and not location.startswith("s3://") and not is_hub_id(location)):
+        return model_id(location, resolve_model_dir(location))
+    return location
+
+
+def cache_key(cfg: Config) -> str:
+    """16-hex-digit digest of every input that changes the cached rows."""
+    data, codec = cfg.data, cfg.codec
+    shapes = data.source == "shapes"
+    inputs: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source": "shapes" if shapes else _normalise_location(data.source),
+        "resolution": data.resolution,
+        "min_image_size": data.min_image_size,
+        "codec": {
+            "kind": codec.kind,
+            "path": _model_identity(codec.path) if codec.kind != "pixels" else "",
+            "scale": codec.scale,
+            "shift": codec.shift,
+            "sample": codec.sample,
+        },
+        "text_encoder": _model_identity(cfg.text.name),
+        "max_tokens": cfg.text.max_tokens,
+    }
+    if shapes:
+        inputs |= {"num_samples": data.num_samples, "seed": data.seed, "task_weights": sorted(data.task_weights.items())}
+    else:
+        inputs |= {"source_format": data.source_format, "columns": [data.image_column, data.caption_column]}
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _normalise_location(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith("s3://") else os.path.abspath(os.path.expanduser(uri))
+
+
+def cache_dir(cfg: Config) -> str:
+    """``<data.cache_root>/<cache_key(cfg)>`` (a local path or an s3:// URI)."""
+    return f"{cfg.data.cache_root.rstrip('/')}/{cache_key(cfg)}"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(path: str, endpoint: str = "") -> dict:
+    """The manifest of the cache at ``path``.
+
+    Raises:
+        FileNotFoundError: there is no manifest, i.e. the cache was never built or its build was interrupted.
+    """
+    fs, root = filesystem_for(path, endpoint)
+    manifest_path = posixpath.join(root, MANIFEST)
+    if fs.get_file_info(manifest_path).type != pafs.FileType.File:
+        raise FileNotFoundError(
+            f"{path} is not a complete cache: {MANIFEST} is missing (the build never ran or was interrupted). "
+            f"Build it with `python pipelines/preprocess.py` and the training config"
+        )
+    with fs.open_input_stream(manifest_path) as stream:
+        return json.loads(stream.read())
+
+
+def read_null_text(path: str, endpoint: str = "") -> dict[str, Any]:
+    """The embedding of "" stored with the cache: tokens (1, L, D) f32, mask (1, L) bool, pooled (1, Dp) f32."""
+    from safetensors.torch import load
+
+    read_manifest(path, endpoint)  # a half-built cache has no trustworthy null embedding
+    fs, root = filesystem_for(path, endpoint)
+    with fs.open_input_stream(posixpath.join(root, NULL_TEXT)) as stream:
+        return load(stream.read())
+
+
+def validate_manifest(manifest: dict, cfg: Config, path: str = "cache") -> None:
+    """Raise `CacheMismatchError` listing every way the cache disagrees with the training config."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{path} has cache format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}: rebuild it"
+        )
+    text = manifest["text_encoder"]
+    checks = [
+        ("resolution", manifest["resolution"], cfg.data.resolution, "data.resolution"),
+        ("latent channels", manifest["columns"]["latent"]["shape"][0], cfg.model.in_channels, "model.in_channels"),
+        ("text width", text["width"], cfg.model.text_width, "model.text_width"),
+        ("pooled text width", text["pooled_width"], cfg.model.pooled_width, "model.pooled_width"),
+        ("max tokens", text["max_tokens"], cfg.text.max_tokens, "text.max_tokens"),
+        ("codec kind", manifest["codec"]["kind"], cfg.codec.kind, "codec.kind"),
+    ]
+    problems = [f"  {what}: cache has {have!r}, config has {key}={want!r}" for what, have, want, key in checks if have != want]
+    if problems:
+        raise CacheMismatchError(
+            f"cache {path} does not match the training config:\n" + "\n".join(problems) + "\n"
+            f"Rebuild the cache with this config (`python pipelines/preprocess.py --config ...`) or fix the config."
+        )
+
+
+def load_cache(path: str, cfg: Config) -> Any:
+    """The cache's rows as a Ray Dataset, after checking its manifest against ``cfg``.
+
+    Tensor columns come back as fixed-shape tensors; drop ``caption`` and ``spec`` before
+    ``iter_torch_batches``. ``text_mask`` is bool.
+    """
+    import ray.data
+
+    manifest = read_manifest(path, cfg.data.s3_endpoint)
+    validate_manifest(manifest, cfg, path)
+    if not manifest["files"]:
+        raise ValueError(f"cache {path} has no rows (skipped: {manifest['skipped']}); nothing to train on")
+    fs, root = filesystem_for(path, cfg.data.s3_endpoint)
+    files = [posixpath.join(root, name) for name in manifest["files"]]
+    return ray.data.read_parquet(files, filesystem=fs, partitioning=None)
+
+
+def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpoint: str) -> dict | None:
+    """The manifest if the cache at ``root`` is complete and belongs to ``key``, else None."""
+    try:
+        manifest = read_manifest(uri, endpoint)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if manifest.get("cache_key") != key or manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    present = {info.path for info in fs.get_file_info(pafs.FileSelector(posixpath.join(root, DATA_DIR), allow_not_found=True))}
+    if any(posixpath.join(root, name) not in present for name in manifest["files"]):
+        return None
+    return manifest
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_cache(cfg: Config, force: bool = False) -> tuple[str, dict]:
+    """Build the cache for ``cfg`` (or reuse a complete one): returns (cache dir, manifest).
+
+    Inputs are checked before any work. Starts a local Ray instance if none is running
+    (``ray.init()`` connects to a cluster when ``RAY_ADDRESS`` is set).
+    """
+    import ray
+
+    data, endpoint = cfg.data, cfg.data.s3_endpoint
+    key, out = cache_key(cfg), cache_dir(cfg)
+    check_location(data.cache_root, endpoint, "data.cache_root", must_exist=False)
+    fs, root = filesystem_for(out, endpoint)
+    if not force and (manifest := _complete_manifest(fs, root, out, key, endpoint)):
+        print(f"cache hit: {out} ({manifest['rows']} rows); nothing to do")
+        return out, manifest
+
+    if data.source == "shapes":
+        source_format, files = "shapes", []
+    else:
+        check_location(data.source, endpoint, "data.source")
+        source_fs, source_root = filesystem_for(data.source, endpoint)
+        files = list_files(source_fs, source_root)
+        source_format = data.source_format if data.source_format != "auto" else detect_format(files)
+
+    if not ray.is_initialized():
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    ledger = ray.remote(num_cpus=0)(Ledger).remote()
+    try:
+        if source_format == "shapes":
+            ds = shapes_dataset(cfg)
+        else:
+            ds = byte_source_dataset(cfg, source_fs, source_root, files, source_format).map_batches(
+                decode_batch,
+                batch_size=64,
+                num_cpus=data.decode_cpus,
+                fn_kwargs={"resolution": data.resolution, "min_size": data.min_image_size, "ledger": ledger},
+            )
+        gpus = data.encode_gpus
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ds = ds.map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"cfg": cfg, "ledger": ledger},
+            batch_size=data.encode_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=data.encode_actors),
+            num_cpus=data.encode_cpus,
+            num_gpus=gpus,
+        )
+        _clear(fs, root)  # the manifest goes first: from here on the folder is visibly incomplete
+        start = time.perf_counter()
+        ds.write_parquet(posixpath.join(root, DATA_DIR), filesystem=fs, min_rows_per_file=_rows_per_file(cfg))
+        elapsed = time.perf_counter() - start
+        counts, examples = ray.get(ledger.totals.remote())
+        info = ray.get(ledger.encoder_info.remote())
+        if info is None:  # no row reached an encoder actor: load the encoders once for the metadata
+            probe = ray.remote(_probe_encoders).options(num_cpus=data.encode_cpus, num_gpus=gpus)
+            info = ray.get(probe.remote(cfg))
+    finally:
+        ray.kill(ledger)
+
+    manifest = _finish(cfg, fs, root, key, source_format, counts, examples, info, elapsed)
+    skipped = ", ".join(f"{r}={n}" for r, n in manifest["skipped"].items()) or "none"
+    print(
+        f"preprocess: wrote {manifest['rows']} rows to {out} in {elapsed:.1f} s ({manifest['rows_per_s']:.0f} rows/s); "
+        f"skipped {sum(manifest['skipped'].values())} ({skipped}); truncated captions: {manifest['truncated_captions']}"
+    )
+    return out, manifest
+
+
+def _finish(
+    cfg: Config, fs: pafs.FileSystem, root: str, key: str, source_format: str,
+    counts: dict[str, int], examples: dict[str, list[str]], info: dict, elapsed: float,
+) -> dict:
+    """Count the written rows, check the accounting, write null_text then the manifest (last)."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import save
+
+    data_root = posixpath.join(root, DATA_DIR)
+    infos = fs.get_file_info(pafs.FileSelector(data_root, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    rows = 0
+    for path in files:
+        with fs.open_input_file(path) as handle:
+            rows += pq.ParquetFile(handle).metadata.num_rows
+    skipped = {r: counts[r] for r in sorted(counts) if r not in ("seen", "written", "truncated_caption") and counts[r]}
+    seen = cfg.data.num_samples if source_format == "shapes" else counts.get("seen", 0)
+    for reason, n in skipped.items():
+        log.warning("skipped %d rows: %s (e.g. %s)", n, reason, ", ".join(examples.get(reason, [])))
+    if rows + sum(skipped.values()) != seen:
+        log.warning("row accounting mismatch: %d rows read, %d written, %d skipped", seen, rows, sum(skipped.values()))
+
+    _write_bytes(fs, posixpath.join(root, NULL_TEXT), save(info["null_text"]))
+    text = info["text_encoder"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "cache_key": key,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"uri": cfg.data.source, "format": source_format, **_source_params(cfg, source_format)},
+        "resolution": cfg.data.resolution,
+        "min_image_size": cfg.data.min_image_size,
+        "rows": rows,
+        "rows_read": seen,
+        "files": [posixpath.relpath(path, root) for path in files],
+        "columns": {
+            "latent": {"shape": info["latent_shape"], "dtype": "float16"},
+            "text_tokens": {"shape": [text["max_tokens"], text["width"]], "dtype": "float16"},
+            "text_mask": {"shape": [text["max_tokens"]], "dtype": "bool"},
+            "text_pooled": {"shape": [text["pooled_width"]], "dtype": "float16"},
+            "caption": {"dtype": "string"},
+            "spec": {"dtype": "string"},
+        },
+        "codec": {"kind": cfg.codec.kind, **info["codec"]},
+        "text_encoder": text,
+        "skipped": skipped,
+        "skipped_examples": {r: examples.get(r, []) for r in skipped},
+        "truncated_captions": counts.get("truncated_caption", 0),
+        "truncated_examples": examples.get("truncated_caption", []),
+        "elapsed_s": round(elapsed, 2),
+        "rows_per_s": round(rows / max(elapsed, 1e-9), 1),
+    }
+    _write_bytes(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _source_params(cfg: Config, source_format: str) -> dict:
+    if source_format == "shapes":
+        return {"num_samples": cfg.data.num_samples, "seed": cfg.data.seed, "task_weights": cfg.data.task_weights}
+    return {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column}
+
+
+def _rows_per_file(cfg: Config) -> int:
+    """Rows per Parquet file for ~64 MB files, estimated from the model's input widths."""
+    side = cfg.data.resolution // (1 if cfg.codec.kind == "pixels" else 8)
+    row_bytes = 2 * (cfg.model.in_channels * side * side + cfg.text.max_tokens * cfg.model.text_width + cfg.model.pooled_width)
+    return max(1, _TARGET_FILE_BYTES // (row_bytes + cfg.text.max_tokens))
+
+
+def _clear(fs: pafs.FileSystem, root: str) -> None:
+    """Delete a stale cache folder: its manifest first, so an interruption here leaves it incomplete."""
+    manifest = posixpath.join(root, MANIFEST)
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        fs.delete_file(manifest)
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        fs.delete_dir(root)
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, payload: bytes) -> None:
+    """Write atomically: a local file via rename of a temporary; an S3 object is visible only once complete."""
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as stream:
+            stream.write(payload)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as stream:
+            stream.write(payload)
+
+
+def _probe_encoders(cfg: Config) -> dict:
+    codec, text = build_encoders(cfg)
+    return encoder_info(codec, text, cfg.data.resolution)

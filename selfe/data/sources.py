@@ -1,0 +1,370 @@
+"""Source readers for the preprocessing job: each returns a Ray Dataset of raw rows.
+
+Rows of the shapes world are already pixels: ``{id, image: uint8 (R, R, 3), caption, spec}``. Every
+other source yields encoded bytes for `selfe.data.transforms.decode_batch`:
+``{id, image: bytes, caption, spec: "", error}`` where ``error`` names a problem the reader already
+found ("missing_image", "bad_metadata", "corrupt_shard"); such rows are counted, not dropped here.
+
+Locations are local paths or ``s3://bucket/prefix`` (endpoint: ``data.s3_endpoint``, else
+``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``). `check_location` runs before any work, so a typo in a
+path, a missing bucket or unusable credentials fail in seconds with a message that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from selfe.configtools import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_ROWS_PER_BLOCK = 256
+
+
+# ---------------------------------------------------------------- locations
+
+
+def s3_endpoint(configured: str = "") -> str:
+    """The S3 endpoint URL to use: the configured one, else the standard AWS environment variables."""
+    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def filesystem_for(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) for a local path or an ``s3://`` URI."""
+    if not uri.startswith("s3://"):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    path = uri.removeprefix("s3://").rstrip("/")
+    endpoint = s3_endpoint(endpoint)
+    if not endpoint:
+        fs, _ = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region on AWS
+        return fs, path
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Delayed open sends objects below the part size as one PUT instead of a multipart upload: fewer
+    # round trips, and moto (5.x) answers CompleteMultipartUpload with a body the AWS C++ SDK rejects.
+    fs = pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region, allow_delayed_open=True)
+    return fs, path
+
+
+def check_location(uri: str, endpoint: str, what: str, must_exist: bool = True) -> None:
+    """Fail now, naming ``uri`` and ``what`` it is, if it cannot be read (or its bucket does not exist).
+
+    Raises:
+        FileNotFoundError: the path, bucket or prefix does not exist.
+        PermissionError: credentials are missing, unreadable or refused.
+        ConnectionError: the S3 endpoint cannot be reached.
+    """
+    if not uri.startswith("s3://"):
+        if must_exist and not os.path.exists(os.path.expanduser(uri)):
+            raise FileNotFoundError(f"{what} {uri!r} does not exist (resolved to {os.path.abspath(uri)})")
+        return
+    _check_s3(uri, s3_endpoint(endpoint), what, must_exist)
+
+
+def _check_s3(uri: str, endpoint: str, what: str, must_exist: bool) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    where = f"{what} {uri} (endpoint {endpoint or 'AWS default'})"
+    for variable in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        path = os.environ.get(variable)
+        if path and not os.access(path, os.R_OK):
+            raise PermissionError(f"cannot read {where}: ${variable}={path} is not a readable file")
+    try:
+        session = boto3.session.Session()
+        credentials = session.get_credentials()
+        frozen = credentials.get_frozen_credentials() if credentials else None
+    except (BotoCoreError, OSError) as err:
+        raise PermissionError(f"cannot load AWS credentials to read {where}: {err}") from err
+    if frozen is None or not frozen.access_key:
+        raise PermissionError(
+            f"no AWS credentials found to read {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            f"(or AWS_PROFILE)"
+        )
+    client = session.client("s3", endpoint_url=endpoint or None)
+    try:
+        client.head_bucket(Bucket=bucket)
+        if must_exist:
+            listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/"), MaxKeys=1)
+            if not listing.get("KeyCount"):
+                raise FileNotFoundError(f"{where}: no objects under this prefix")
+    except EndpointConnectionError as err:
+        raise ConnectionError(f"cannot reach the S3 endpoint for {where}: {err}") from err
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist: {where}") from err
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise PermissionError(f"the AWS credentials may not read {where} ({code})") from err
+        raise
+
+
+def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Every file under ``path`` (or ``path`` itself if it is a file), sorted, hidden names skipped."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data.source {path!r} does not exist")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and not any(p.startswith(".") for p in _rel(i.path, path).split("/"))
+    )
+
+
+def _rel(path: str, root: str) -> str:
+    return posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+
+
+def detect_format(files: list[str]) -> str:
+    """"parquet", "webdataset" or "imagefolder" from the file extensions under a source."""
+    if any(f.endswith(".parquet") for f in files):
+        return "parquet"
+    if any(f.endswith(".tar") for f in files):
+        return "webdataset"
+    return "imagefolder"
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(n, math.ceil(n / _ROWS_PER_BLOCK)))
+
+
+# ---------------------------------------------------------------- the shapes world
+
+
+def shapes_dataset(cfg: Any) -> Any:
+    """``data.num_samples`` scenes rendered in parallel; row ``i`` depends only on (seed, i)."""
+    import ray.data
+
+    n = cfg.data.num_samples
+    return ray.data.range(n, override_num_blocks=_blocks(n)).map_batches(
+        _render_shapes,
+        batch_size=_ROWS_PER_BLOCK,
+        num_cpus=cfg.data.decode_cpus,
+        fn_kwargs={"seed": cfg.data.seed, "resolution": cfg.data.resolution, "task_weights": dict(cfg.data.task_weights)},
+    )
+
+
+def _render_shapes(batch: dict[str, np.ndarray], seed: int, resolution: int, task_weights: dict) -> dict:
+    from PIL import Image
+
+    from selfe.data.shapes import ShapesConfig, generate_one, spec_to_json
+    from selfe.data.transforms import resize_center_crop
+
+    # The renderer needs >= 32 px to keep shapes classifiable; smaller caches are downscaled renders.
+    shapes_cfg = ShapesConfig(resolution=max(resolution, 32), **({"task_weights": task_weights} if task_weights else {}))
+    ids, images, captions, specs = [], [], [], []
+    for index in batch["id"]:
+        image, caption, spec = generate_one(int(index), seed, shapes_cfg)
+        if image.shape[0] != resolution:
+            image = resize_center_crop(Image.fromarray(image), resolution)
+        ids.append(f"shapes:{int(index)}")
+        images.append(image)
+        captions.append(caption)
+        specs.append(spec_to_json(spec))
+    return {
+        "id": np.array(ids, dtype=object),
+        "image": np.stack(images),
+        "caption": np.array(captions, dtype=object),
+        "spec": np.array(specs, dtype=object),
+    }
+
+
+# ---------------------------------------------------------------- encoded-image sources
+
+
+def byte_source_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[str], source_format: str) -> Any:
+    """Rows ``{id, image: bytes, caption, spec, error}`` of an imagefolder, WebDataset or Parquet source."""
+    import ray.data
+
+    if source_format == "imagefolder":
+        rows = imagefolder_rows(fs, root, files, cfg.data.caption_column)
+        if not rows:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under data.source {cfg.data.source!r}")
+        return ray.data.from_items(rows, override_num_blocks=_blocks(len(rows))).map_batches(
+            _fetch_files, batch_size=64, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs}
+        )
+    if source_format == "webdataset":
+        shards = [f for f in files if f.endswith(".tar")]
+        if not shards:
+            raise FileNotFoundError(f"no .tar shards under data.source {cfg.data.source!r}")
+        items = [{"shard": s, "name": _rel(s, root)} for s in shards]
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_shards, batch_size=1, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs, "caption_key": cfg.data.caption_column}
+        )
+    if source_format == "parquet":
+        tables = [f for f in files if f.endswith(".parquet")]
+        if not tables:
+            raise FileNotFoundError(f"no .parquet files under data.source {cfg.data.source!r}")
+        _check_parquet_columns(fs, tables[0], cfg.data.image_column, cfg.data.caption_column)
+        ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, partitioning=None)
+        ds = ds.select_columns([cfg.data.image_column, cfg.data.caption_column, "path"])
+        kwargs = {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column, "root": root}
+        return ds.map_batches(_parquet_rows, batch_format="pyarrow", num_cpus=cfg.data.decode_cpus, fn_kwargs=kwargs)
+    raise ValueError(f"unknown data.source_format {source_format!r}")
+
+
+def imagefolder_rows(fs: pafs.FileSystem, root: str, files: list[str], caption_key: str) -> list[dict]:
+    """One row per image (and per unusable metadata line) of a Hugging Face imagefolder.
+
+    Captions come from ``metadata.jsonl`` (``file_name`` relative to the metadata file's folder, the
+    caption under ``caption_key``), else from a sidecar ``<image stem>.txt``.
+    """
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    image_set, file_set = set(images), set(files)
+    captions: dict[str, str] = {}
+    rows: list[dict] = []
+    for meta in (f for f in files if posixpath.basename(f) == "metadata.jsonl"):
+        folder = posixpath.dirname(meta)
+        with fs.open_input_stream(meta) as stream:
+            lines = stream.read().decode("utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                name = record["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                rows.append(_row(f"{_rel(meta, root)}:{number}", error="bad_metadata"))
+                continue
+            path = posixpath.normpath(posixpath.join(folder, str(name)))
+            caption = record.get(caption_key)
+            if path not in image_set:
+                rows.append(_row(_rel(path, root), error="missing_image"))
+                continue
+            captions[path] = caption if isinstance(caption, str) else ""
+    for image in images:
+        sidecar = posixpath.splitext(image)[0] + ".txt"
+        if image in captions:
+            rows.append(_row(_rel(image, root), path=image, caption=captions[image]))
+        else:
+            rows.append(_row(_rel(image, root), path=image, caption_path=sidecar if sidecar in file_set else ""))
+    return rows
+
+
+def _row(row_id: str, path: str = "", caption: str = "", caption_path: str = "", error: str = "") -> dict:
+    return {"id": row_id, "path": path, "caption": caption, "caption_path": caption_path, "error": error}
+
+
+def _fetch_files(batch: dict[str, np.ndarray], fs: pafs.FileSystem) -> dict[str, np.ndarray]:
+    """Read each row's image bytes (and sidecar caption) from ``fs``."""
+    images, captions, errors = [], [], []
+    for path, caption, caption_path, error in zip(batch["path"], batch["caption"], batch["caption_path"], batch["error"]):
+        data = b""
+        if not error:
+            try:
+                with fs.open_input_stream(path) as stream:
+                    data = stream.read()
+                if caption_path:
+                    with fs.open_input_stream(caption_path) as stream:
+                        caption = stream.read().decode("utf-8", errors="replace")
+            except FileNotFoundError:
+                error = "missing_image"
+        images.append(data)
+        captions.append(caption or "")
+        errors.append(error or "")
+    return _byte_rows(list(batch["id"]), images, captions, errors)
+
+
+def _byte_rows(ids: list, images: list[bytes], captions: list[str], errors: list[str]) -> dict[str, np.ndarray]:
+    return {
+        "id": np.array([str(i) for i in ids], dtype=object),
+        "image": np.array(images, dtype=object),
+        "caption": np.array(captions, dtype=object),
+        "spec": np.array([""] * len(ids), dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def _read_shards(batch: dict[str, np.ndarray], fs: pafs.FileSystem, caption_key: str) -> Iterator[dict]:
+    """Stream each WebDataset tar; group members by key (path up to the first dot of the file name)."""
+    for shard, name in zip(batch["shard"], batch["name"]):
+        pending: list[tuple[str, bytes, str, str]] = []
+        try:
+            for key, members in _tar_samples(fs, str(shard)):
+                pending.append(_wds_sample(f"{name}/{key}", members, caption_key))
+                if len(pending) == _ROWS_PER_BLOCK:
+                    yield _byte_rows(*map(list, zip(*pending)))
+                    pending = []
+        except (tarfile.TarError, EOFError, OSError, zlib.error):
+            # The sample being read when the shard broke is lost with it; the shard is counted once.
+            pending.append((f"{name}:unreadable-after-{len(pending)}-samples", b"", "", "corrupt_shard"))
+        if pending:
+            yield _byte_rows(*map(list, zip(*pending)))
+
+
+def _tar_samples(fs: pafs.FileSystem, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    with fs.open_input_stream(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        key, members = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = posixpath.split(member.name)
+            if base.startswith(".") or "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            member_key = posixpath.join(folder, stem)
+            if member_key != key and members:
+                yield key, members
+                members = {}
+            key = member_key
+            members[ext.lower()] = tar.extractfile(member).read()
+        if members:
+            yield key, members
+
+
+def _wds_sample(row_id: str, members: dict[str, bytes], caption_key: str) -> tuple[str, bytes, str, str]:
+    image = next((members[e] for e in _WDS_IMAGE_EXTENSIONS if e in members), None)
+    caption = ""
+    if "txt" in members:
+        caption = members["txt"].decode("utf-8", errors="replace")
+    elif "json" in members:
+        try:
+            value = json.loads(members["json"]).get(caption_key)
+            caption = value if isinstance(value, str) else ""
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            caption = ""
+    return row_id, image or b"", caption, "" if image is not None else "missing_image"
+
+
+def _check_parquet_columns(fs: pafs.FileSystem, path: str, image_column: str, caption_column: str) -> None:
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as handle:
+        names = pq.read_schema(handle).names
+    missing = [c for c in (image_column, caption_column) if c not in names]
+    if missing:
+        raise ConfigError(
+            f"Parquet source {path} has no column(s) {missing}; its columns are {names}. "
+            f"Set data.image_column / data.caption_column"
+        )
+
+
+def _parquet_rows(table: pa.Table, image_column: str, caption_column: str, root: str) -> pa.Table:
+    column = table.column(image_column).combine_chunks()
+    if pa.types.is_struct(column.type):  # Hugging Face Image feature: {bytes, path}
+        column = column.field("bytes")
+    images = [b or b"" for b in column.to_pylist()]
+    captions = [c if isinstance(c, str) else "" for c in table.column(caption_column).to_pylist()]
+    paths = table.column("path").to_pylist()
+    ids = [f"{_rel(p, root)}:{zlib.crc32(img) ^ zlib.crc32(c.encode()):08x}" for p, img, c in zip(paths, images, captions)]
+    return pa.table({
+        "id": ids,
+        "image": pa.array(images, type=pa.binary()),
+        "caption": captions,
+        "spec": [""] * len(ids),
+        "error": ["" if img else "missing_image" for img in images],
+    })

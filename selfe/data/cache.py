@@ -195,11 +195,12 @@ def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpo
 # ---------------------------------------------------------------- building
 
 
-def build_cache(cfg: Config, force: bool = False) -> tuple[str, dict]:
+def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -> tuple[str, dict]:
     """Build the cache for ``cfg`` (or reuse a complete one): returns (cache dir, manifest).
 
-    Inputs are checked before any work. Starts a local Ray instance if none is running
-    (``ray.init()`` connects to a cluster when ``RAY_ADDRESS`` is set).
+    Inputs are checked before any work. Ray is started only when there is work to do, and only if
+    it is not running yet: ``ray.init()`` joins the cluster when ``RAY_ADDRESS`` is set, else a local
+    instance with ``num_cpus`` CPUs (default: all) starts.
     """
     import ray
 
@@ -220,7 +221,7 @@ def build_cache(cfg: Config, force: bool = False) -> tuple[str, dict]:
         source_format = data.source_format if data.source_format != "auto" else detect_format(files)
 
     if not ray.is_initialized():
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": num_cpus, "include_dashboard": False}))
     ledger = ray.remote(num_cpus=0)(Ledger).remote()
     try:
         if source_format == "shapes":

@@ -122,8 +122,9 @@ def _mlflow_run(cfg: Config, run_name: str) -> str | None:
     return start_run(cfg, run_name, tags={RUN_NAME_TAG: run_name})
 
 
-def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict) -> ray.train.Result:
-    """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints."""
+def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict, callbacks: list | None = None) -> ray.train.Result:
+    """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints under
+    ``cfg.train.storage_path``. ``callbacks`` go to the RunConfig (e.g. Tune's TuneReportCallback)."""
     storage_path, fs = _storage(cfg.train.storage_path)
     # iter_torch_batches cannot convert string columns (caption, spec): hand workers tensors only.
     datasets = {k: ds.select_columns([c for c in ds.schema().names if c not in STRING_COLUMNS])
@@ -141,6 +142,7 @@ def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict) -> ray.tr
             # Keep the most recent checkpoints (resume needs recency, not the best score).
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),

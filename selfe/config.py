@@ -242,6 +242,10 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "model": {**MODEL_PRESETS["tiny"], "patch_size": 4},
         "optim": {"lr": 1e-3, "warmup_steps": 100, "lr_end": 1e-4},
         "ema": {"decay": 0.999},
+        # Shapes captions are <= 16 MiniLM tokens; 16 instead of 32 saves ~15% of the step.
+        "text": {"max_tokens": 16},
+        "train": {"steps": 1000, "batch_size": 32, "threads_per_worker": 2, "checkpoint_every": 250},
+        "eval": {"max_prompts": 10},
     },
     "0.5b": {
         "model": {**MODEL_PRESETS["0.5b"], "in_channels": 16, "text_width": 4096, "pooled_width": 768},

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -67,18 +68,25 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, pa
 
 
 class RunLogger:
-    """Metrics and artifacts for one run that never crash training.
+    """Metrics and artifacts for one run that never block or crash training.
 
-    If the tracking server is unreachable, metrics stay in memory (and in a local JSONL file, so a
-    killed process loses nothing) and are sent with the next successful call; a warning says so.
+    Metrics go to a local JSONL spool first (a killed process loses nothing), then a background
+    thread sends them. If the tracking server is unreachable they stay buffered, a warning says
+    so, and they are sent once it answers again (``close`` waits a bounded time for that).
     """
 
-    def __init__(self, run_id: str, spool_dir: str | Path | None = None) -> None:
+    def __init__(self, run_id: str, spool_dir: str | Path | None = None, retry_s: float = 5.0) -> None:
         self.run_id = run_id
         self.client = MlflowClient()
         self.pending: list[mlflow.entities.Metric] = []
         self.spool = Path(spool_dir or tempfile.gettempdir()) / f"selfe-metrics-{run_id}.jsonl"
         self.failures = 0
+        self.retry_s = retry_s
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._sender, name="mlflow-sender", daemon=True)
+        self._thread.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
@@ -87,22 +95,41 @@ class RunLogger:
         with self.spool.open("a") as fh:
             for m in new:
                 fh.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n")
-        self.pending.extend(new)
-        self.flush()
+        with self._lock:
+            self.pending.extend(new)
+        self._wake.set()
+
+    def _sender(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.retry_s)
+            self._wake.clear()
+            self.flush()
 
     def flush(self) -> bool:
-        """Send buffered metrics; True when nothing is left pending."""
-        try:
-            while self.pending:
-                self.client.log_batch(self.run_id, metrics=self.pending[:900])
-                self.pending = self.pending[900:]
-        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-            self.failures += 1
-            if self.failures == 1 or self.failures % 50 == 0:
-                warnings.warn(f"MLflow unreachable ({type(e).__name__}: {e}); {len(self.pending)} metrics "
-                              f"buffered, also in {self.spool}; will retry", stacklevel=2)
-            return False
+        """Send buffered metrics now; True when nothing is left pending."""
+        with self._lock:
+            try:
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:900])
+                    self.pending = self.pending[900:]
+            except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+                self.failures += 1
+                if self.failures == 1 or self.failures % 50 == 0:
+                    warnings.warn(f"MLflow unreachable ({type(e).__name__}: {e}); {len(self.pending)} metrics "
+                                  f"buffered, also in {self.spool}; retrying every {self.retry_s:.0f} s", stacklevel=2)
+                return False
         return True
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Stop the sender after trying to deliver everything for up to ``timeout_s``."""
+        deadline = time.time() + timeout_s
+        while not self.flush() and time.time() < deadline:
+            time.sleep(min(self.retry_s, max(deadline - time.time(), 0)))
+        self._closed = True
+        self._wake.set()
+        if self.pending:
+            warnings.warn(f"{len(self.pending)} metrics never reached MLflow; they are in {self.spool}", stacklevel=2)
+        return not self.pending
 
     def log_artifact_bytes(self, data: bytes, artifact_path: str) -> None:
         try:

@@ -109,3 +109,55 @@ def test_checkpoints_on_s3(workdir, s3_server, monkeypatch):
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket="ckpts", Prefix="runs/on-s3/")["Contents"]]
     assert any(k.endswith(".metadata") for k in keys) and any(k.endswith("rng_rank0.pt") for k in keys)
+
+
+def test_metrics_survive_an_unreachable_tracking_server(tmp_path, monkeypatch):
+    """A server that is down: logging neither blocks nor raises, metrics are spooled locally and
+    delivered once the server is back."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from selfe.tracking import RunLogger
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    db = tmp_path / "server.db"
+    # Create the run in the server's database directly, as the driver would have before the outage.
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    exp = MlflowClient().create_experiment("outage", artifact_location=(tmp_path / "art").as_uri())
+    run_id = MlflowClient().create_run(exp).info.run_id
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    mlflow.set_tracking_uri(uri)
+    logger = RunLogger(run_id, spool_dir=tmp_path, retry_s=1.0)
+    t0 = time.time()
+    with pytest.warns(UserWarning, match="MLflow unreachable"):
+        for step in range(1, 6):
+            logger.log_metrics({"loss": 1.0 / step}, step)
+        time.sleep(2.5)
+    assert time.time() - t0 < 10  # logging did not wait for the server
+    assert len(logger.pending) == 5 and len((tmp_path / f"selfe-metrics-{run_id}.jsonl").read_text().splitlines()) == 5
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{db}", "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        assert logger.close(timeout_s=60)
+        history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -191,7 +191,9 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     if mlflow_run_id:
         from selfe.tracking import RunLogger, log_and_register
 
-        RunLogger(mlflow_run_id).log_metrics({"train_wall_s": train_seconds}, step)
+        logger = RunLogger(mlflow_run_id)
+        logger.log_metrics({"train_wall_s": train_seconds}, step)
+        logger.close()
         version = log_and_register(mlflow_run_id, out_dir / "model", cfg.tracking.registered_model,
                                    cfg.tracking.alias, promote or cfg.tracking.promote_champion)
     res = JobResult(run_name, mlflow_run_id, result.checkpoint.path, step, str(out_dir / "model"), version,
@@ -234,4 +236,6 @@ def evaluate_and_log(cfg: Config, gen: ImageGenerator, out_dir: Path, run_id: st
                 logger.log_metrics(metrics, 0)
             logger.log_artifact_bytes(table.encode(), "eval/geneval_lite.md")
             logger.log_artifact_bytes(Path(grid_path).read_bytes(), "samples/final_grid.png")
+    if logger:
+        logger.close()
     return results, grid_path

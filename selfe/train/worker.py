@@ -153,7 +153,7 @@ class WorkerLoop:
                 continue
             break
         if self.tracker is not None:
-            self.tracker.flush()
+            self.tracker.close()
 
     def report(self, stats: dict[str, float]) -> None:
         """Log every ``log_every`` steps, sample grids / evaluate / checkpoint on their schedules."""

@@ -236,6 +236,8 @@ class Config:
 
 
 # Per-preset training defaults beyond the model shape.
+# The paper's sizes assume the FLUX VAE (16 channels) and T5-XXL tokens; with a single text encoder the
+# pooled vector is T5's mean-pooled state (4096 wide).
 PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # CPU: pixels at 32x32, 4x4 patches -> 64 tokens; a few minutes on 2 cores.
     "tiny": {
@@ -248,12 +250,12 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "eval": {"max_prompts": 10},
     },
     "0.5b": {
-        "model": {**MODEL_PRESETS["0.5b"], "in_channels": 16, "text_width": 4096, "pooled_width": 768},
+        "model": {**MODEL_PRESETS["0.5b"], "in_channels": 16, "text_width": 4096, "pooled_width": 4096},
         "codec": {"kind": "autoencoder_kl"},
         "train": {"use_gpu": True, "batch_size": 256, "steps": 300_000},
     },
     "2b": {
-        "model": {**MODEL_PRESETS["2b"], "in_channels": 16, "text_width": 4096, "pooled_width": 768},
+        "model": {**MODEL_PRESETS["2b"], "in_channels": 16, "text_width": 4096, "pooled_width": 4096},
         "codec": {"kind": "autoencoder_kl"},
         "train": {"use_gpu": True, "batch_size": 512, "steps": 710_000, "activation_checkpointing": True},
     },

@@ -26,12 +26,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in typing.get_args(tp):
                 return None
-        errors = []
         for a in args:
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} matches none of {tp}")
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -137,10 +136,6 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
         out.append((k, v))
         i += 1
     return out
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -84,19 +84,21 @@ def shapes_cache(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> 
     return cfg, path, manifest
 
 
+@pytest.mark.slow
 def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) -> None:
     cfg, path, manifest = shapes_cache
     assert path == cache_dir(cfg) and path.endswith(cache_key(cfg))
     assert manifest["rows"] == manifest["rows_read"] == 40 and manifest["skipped"] == {}
     assert manifest["columns"]["latent"] == {"shape": [3, 32, 32], "dtype": "float16"}
-    assert manifest["columns"]["text_tokens"]["shape"] == [32, 384]
+    tokens = cfg.text.max_tokens
+    assert manifest["columns"]["text_tokens"]["shape"] == [tokens, 384]
     assert manifest["text_encoder"]["id"].startswith("minilm:") and manifest["codec"]["kind"] == "pixels"
 
     ds = load_cache(path, cfg)
     batch = next(iter(ds.drop_columns(["caption", "spec"]).iter_torch_batches(batch_size=8, drop_last=True)))
     assert batch["latent"].dtype == torch.float16 and batch["latent"].shape == (8, 3, 32, 32)
-    assert batch["text_tokens"].dtype == torch.float16 and batch["text_tokens"].shape == (8, 32, 384)
-    assert batch["text_mask"].dtype == torch.bool and batch["text_mask"].shape == (8, 32)
+    assert batch["text_tokens"].dtype == torch.float16 and batch["text_tokens"].shape == (8, tokens, 384)
+    assert batch["text_mask"].dtype == torch.bool and batch["text_mask"].shape == (8, tokens)
     assert batch["text_pooled"].shape == (8, 384)
     assert batch["text_mask"].any(dim=1).all()
 
@@ -109,10 +111,11 @@ def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) 
     assert torch.allclose(torch.as_tensor(row["latent"]).float(), expected, atol=1e-2)
 
     null = read_null_text(path)
-    assert null["tokens"].shape == (1, 32, 384) and null["tokens"].dtype == torch.float32
+    assert null["tokens"].shape == (1, tokens, 384) and null["tokens"].dtype == torch.float32
     assert null["mask"].dtype == torch.bool and null["pooled"].shape == (1, 384)
 
 
+@pytest.mark.slow
 def test_rerun_is_a_cache_hit(shapes_cache: tuple[Config, str, dict], capsys: pytest.CaptureFixture) -> None:
     cfg, path, manifest = shapes_cache
     again_path, again = build_cache(cfg)
@@ -120,14 +123,16 @@ def test_rerun_is_a_cache_hit(shapes_cache: tuple[Config, str, dict], capsys: py
     assert f"cache hit: {path} (40 rows)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_key_depends_on_inputs_not_on_execution(shapes_cache: tuple[Config, str, dict]) -> None:
     cfg, _, _ = shapes_cache
     root = cfg.data.cache_root
     assert cache_key(make_cfg(root, "--data.num_samples=40", "--data.encode_batch_size=7")) == cache_key(cfg)
-    for change in ("--data.seed=1", "--data.resolution=64", "--text.max_tokens=16", "--data.num_samples=41"):
+    for change in ("--data.seed=1", "--data.resolution=64", "--text.max_tokens=24", "--data.num_samples=41"):
         assert cache_key(make_cfg(root, "--data.num_samples=40", change)) != cache_key(cfg), change
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_redone_cleanly(shapes_cache: tuple[Config, str, dict], tmp_path: Path) -> None:
     cfg, path, manifest = shapes_cache
     # An interrupted build of the same inputs: data written (one file twice), no manifest yet.
@@ -149,15 +154,16 @@ def test_interrupted_run_is_redone_cleanly(shapes_cache: tuple[Config, str, dict
     assert after == before  # same rows, none twice, whatever the batch size and fusion
 
 
+@pytest.mark.slow
 def test_manifest_mismatch_is_explained(shapes_cache: tuple[Config, str, dict], tmp_path: Path) -> None:
     _, path, _ = shapes_cache
     wrong = make_cfg(
-        tmp_path, "--data.resolution=64", "--text.max_tokens=16", "--model.in_channels=4", "--model.text_width=512"
+        tmp_path, "--data.resolution=64", "--text.max_tokens=24", "--model.in_channels=4", "--model.text_width=512"
     )
     with pytest.raises(CacheMismatchError) as err:
         load_cache(path, wrong)
     message = str(err.value)
-    for expected in ("data.resolution=64", "text.max_tokens=16", "model.in_channels=4", "model.text_width=512"):
+    for expected in ("data.resolution=64", "text.max_tokens=24", "model.in_channels=4", "model.text_width=512"):
         assert expected in message
     with pytest.raises(FileNotFoundError, match="not a complete cache"):
         load_cache(str(tmp_path), wrong)
@@ -210,6 +216,7 @@ EXPECTED_SKIPS = {
 }
 
 
+@pytest.mark.slow
 def test_imagefolder_counts_every_bad_record(ray_session: str, tmp_path: Path) -> None:
     write_imagefolder(tmp_path / "src")
     cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'src'}")
@@ -223,7 +230,7 @@ def test_imagefolder_counts_every_bad_record(ray_session: str, tmp_path: Path) -
     captions = {r["caption"] for r in rows}
     assert "a photo read from a sidecar file" in captions and LONG_CAPTION in captions
     assert {r["spec"] for r in rows} == {""}
-    assert all(np.asarray(r["text_mask"]).sum() == 32 for r in rows if r["caption"] == LONG_CAPTION)
+    assert all(np.asarray(r["text_mask"]).all() for r in rows if r["caption"] == LONG_CAPTION)
 
 
 def test_decode_composites_alpha_on_white_and_crops_centre() -> None:
@@ -263,6 +270,7 @@ def write_shards(root: Path) -> None:
     (root / "shard-001.tar").write_bytes(whole[: third_png + 512 + 100])  # ends inside the third image
 
 
+@pytest.mark.slow
 def test_webdataset_shards(ray_session: str, tmp_path: Path) -> None:
     write_shards(tmp_path / "shards")
     cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'shards'}")
@@ -274,6 +282,7 @@ def test_webdataset_shards(ray_session: str, tmp_path: Path) -> None:
     assert {"a jpeg with a txt caption", "a png with a json caption", "sample 1 of a shard cut short"} <= captions
 
 
+@pytest.mark.slow
 def test_parquet_source_with_custom_columns(ray_session: str, tmp_path: Path) -> None:
     (tmp_path / "pq").mkdir()
     table = pa.table({
@@ -292,6 +301,24 @@ def test_parquet_source_with_custom_columns(ray_session: str, tmp_path: Path) ->
     assert sorted(r["caption"] for r in rows_of(path, cfg)) == ["one", "three", "two"]
 
 
+@pytest.mark.slow
+def test_actor_pool_that_starves_the_readers_is_refused(ray_session: str, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "cache", "--data.num_samples=8", "--data.encode_actors=2")
+    with pytest.raises(ConfigError, match="would wait forever. Lower data.encode_actors"):
+        build_cache(cfg)
+
+
+def test_hugging_face_image_structs_are_read() -> None:
+    from selfe.data.sources import _parquet_rows
+
+    png = image_bytes()
+    images = pa.array([{"bytes": png, "path": "a.png"}, {"bytes": None, "path": "b.png"}])
+    table = pa.table({"image": images, "text": ["a", "b"], "path": ["/d/x.parquet"] * 2})
+    rows = _parquet_rows(table, "image", "text", "/d").to_pydict()
+    assert rows["image"] == [png, b""] and rows["error"] == ["", "missing_image"]
+    assert rows["id"][0].startswith("x.parquet:") and rows["spec"] == ["", ""]
+
+
 def test_missing_source_fails_before_any_work(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="data.source .*nowhere"):
@@ -302,6 +329,7 @@ def test_missing_source_fails_before_any_work(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- S3 (moto on 127.0.0.1)
 
 
+@pytest.mark.slow
 def test_s3_round_trip(ray_session: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import boto3
 
@@ -324,7 +352,7 @@ def test_s3_round_trip(ray_session: str, tmp_path: Path, capsys: pytest.CaptureF
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="prep", Prefix="cache/")["Contents"]]
     assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith(".parquet") for k in keys)
     assert sorted(r["caption"] for r in load_cache(path, cfg).take_all()) == [f"s3 image {i}" for i in range(4)]
-    assert read_null_text(path, endpoint)["tokens"].shape == (1, 32, 384)
+    assert read_null_text(path, endpoint)["tokens"].shape == (1, cfg.text.max_tokens, 384)
     capsys.readouterr()
     build_cache(cfg)
     assert "cache hit" in capsys.readouterr().out

@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from selfe.config import Config
+from selfe.configtools import ConfigError
 from selfe.data.sources import (
     byte_source_dataset,
     check_location,
@@ -219,9 +220,12 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
         source_fs, source_root = filesystem_for(data.source, endpoint)
         files = list_files(source_fs, source_root)
         source_format = data.source_format if data.source_format != "auto" else detect_format(files)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(root), recursive=True)  # an unwritable cache_root fails here, not later
 
     if not ray.is_initialized():
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": num_cpus, "include_dashboard": False}))
+    _check_resources(cfg, source_format)
     ledger = ray.remote(num_cpus=0)(Ledger).remote()
     try:
         if source_format == "shapes":
@@ -246,7 +250,12 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
         )
         _clear(fs, root)  # the manifest goes first: from here on the folder is visibly incomplete
         start = time.perf_counter()
-        ds.write_parquet(posixpath.join(root, DATA_DIR), filesystem=fs, min_rows_per_file=_rows_per_file(cfg))
+        ds.write_parquet(
+            posixpath.join(root, DATA_DIR),
+            filesystem=fs,
+            min_rows_per_file=_rows_per_file(cfg),
+            ray_remote_args={"num_cpus": data.decode_cpus},
+        )
         elapsed = time.perf_counter() - start
         counts, examples = ray.get(ledger.totals.remote())
         info = ray.get(ledger.encoder_info.remote())
@@ -263,6 +272,27 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
         f"skipped {sum(manifest['skipped'].values())} ({skipped}); truncated captions: {manifest['truncated_captions']}"
     )
     return out, manifest
+
+
+def _check_resources(cfg: Config, source_format: str) -> None:
+    """Refuse an actor pool that leaves no CPU for the read/write tasks: Ray would wait forever."""
+    import ray
+
+    data = cfg.data
+    total = ray.cluster_resources().get("CPU", 0.0)
+    # Ray's Parquet reader lists files in a 1-CPU task; every other task asks for decode_cpus.
+    tasks = max(data.decode_cpus, 1.0 if source_format == "parquet" else 0.0)
+    if data.encode_actors * data.encode_cpus + tasks <= total + 1e-9:
+        return
+    message = (
+        f"the encoder actors need {data.encode_actors} x {data.encode_cpus} CPUs, which leaves less than the "
+        f"{tasks:g} of the {total:g} CPUs in this Ray cluster that the read and write tasks need; the job would "
+        f"wait forever. Lower data.encode_actors, data.encode_cpus or data.decode_cpus (fractions are allowed)"
+    )
+    if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
+        log.warning(message)
+    else:
+        raise ConfigError(message)
 
 
 def _finish(

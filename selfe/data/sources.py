@@ -150,15 +150,18 @@ def shapes_dataset(cfg: Any) -> Any:
     import ray.data
 
     n = cfg.data.num_samples
-    return ray.data.range(n, override_num_blocks=_blocks(n)).map_batches(
+    # Index ranges as in-memory items rather than `ray.data.range`: no read task holding a whole CPU.
+    ranges = [{"start": s, "stop": min(s + _ROWS_PER_BLOCK, n)} for s in range(0, n, _ROWS_PER_BLOCK)]
+    return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
         _render_shapes,
-        batch_size=_ROWS_PER_BLOCK,
+        batch_size=1,
         num_cpus=cfg.data.decode_cpus,
         fn_kwargs={"seed": cfg.data.seed, "resolution": cfg.data.resolution, "task_weights": dict(cfg.data.task_weights)},
     )
 
 
 def _render_shapes(batch: dict[str, np.ndarray], seed: int, resolution: int, task_weights: dict) -> dict:
+    """Render the scenes of each ``{start, stop}`` index range in ``batch``."""
     from PIL import Image
 
     from selfe.data.shapes import ShapesConfig, generate_one, spec_to_json
@@ -167,11 +170,12 @@ def _render_shapes(batch: dict[str, np.ndarray], seed: int, resolution: int, tas
     # The renderer needs >= 32 px to keep shapes classifiable; smaller caches are downscaled renders.
     shapes_cfg = ShapesConfig(resolution=max(resolution, 32), **({"task_weights": task_weights} if task_weights else {}))
     ids, images, captions, specs = [], [], [], []
-    for index in batch["id"]:
-        image, caption, spec = generate_one(int(index), seed, shapes_cfg)
+    indices = [i for start, stop in zip(batch["start"], batch["stop"]) for i in range(int(start), int(stop))]
+    for index in indices:
+        image, caption, spec = generate_one(index, seed, shapes_cfg)
         if image.shape[0] != resolution:
             image = resize_center_crop(Image.fromarray(image), resolution)
-        ids.append(f"shapes:{int(index)}")
+        ids.append(f"shapes:{index}")
         images.append(image)
         captions.append(caption)
         specs.append(spec_to_json(spec))
@@ -210,7 +214,9 @@ def byte_source_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
         if not tables:
             raise FileNotFoundError(f"no .parquet files under data.source {cfg.data.source!r}")
         _check_parquet_columns(fs, tables[0], cfg.data.image_column, cfg.data.caption_column)
-        ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, partitioning=None)
+        ds = ray.data.read_parquet(
+            tables, filesystem=fs, include_paths=True, partitioning=None, num_cpus=cfg.data.decode_cpus
+        )
         ds = ds.select_columns([cfg.data.image_column, cfg.data.caption_column, "path"])
         kwargs = {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column, "root": root}
         return ds.map_batches(_parquet_rows, batch_format="pyarrow", num_cpus=cfg.data.decode_cpus, fn_kwargs=kwargs)

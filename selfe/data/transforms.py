@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ SKIP_REASONS = (
     "corrupt_shard",  # a WebDataset tar that ends early or cannot be read (counted once per shard)
 )
 # Modes that convert to RGB without inventing a scaling: palette, grey, CMYK, YCbCr, with or without alpha.
-_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 _EXAMPLES_PER_REASON = 5
 
 
@@ -230,13 +231,17 @@ def encode_arrays(images: np.ndarray, captions: Sequence[str], codec: Any, text:
 
 
 def build_encoders(cfg: Any, device: str = "cpu") -> tuple[Any, Any]:
-    """(image codec, text encoder) of ``cfg`` on ``device``: fp32 on CPU, bf16 on GPU."""
+    """(image codec, text encoder) of ``cfg`` on ``device``: fp32 on CPU; bf16 networks on GPU.
+
+    The pixel codec stays fp32 everywhere: it computes nothing, and bf16 would round pixel values.
+    """
     import torch
 
     from selfe.encoders import TextEncoder, build_codec
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return build_codec(cfg.codec, device, dtype), TextEncoder(cfg.text, device, dtype)
+    codec_dtype = torch.float32 if cfg.codec.kind == "pixels" else dtype
+    return build_codec(cfg.codec, device, codec_dtype), TextEncoder(cfg.text, device, dtype)
 
 
 def encoder_info(codec: Any, text: Any, resolution: int) -> dict[str, Any]:
@@ -279,8 +284,9 @@ class EncodeBatch:
 
         use_cuda = torch.cuda.is_available() and _assigned_gpus() > 0
         if not use_cuda:
-            # Ray pins OMP threads to the actor's CPU reservation; follow it explicitly.
-            torch.set_num_threads(max(1, int(cfg.data.encode_cpus)))
+            # One torch thread per reserved CPU, rounded up: 1.5 CPUs (on 2 cores, beside 0.5-CPU decode
+            # tasks) runs 2 threads, which use the whole machine once the decoding is done.
+            torch.set_num_threads(max(1, math.ceil(cfg.data.encode_cpus)))
         self.resolution = cfg.data.resolution
         self.codec, text = build_encoders(cfg, "cuda" if use_cuda else "cpu")
         self.text = CaptionEmbeddings(text)

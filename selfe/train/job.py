@@ -173,7 +173,7 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     cfg.train.run_name = run_name
     ensure_ray(cfg)
     cache_path, manifest = build_cache(cfg)
-    null = read_null_text(cache_path)
+    null = read_null_text(cache_path, cfg.data.s3_endpoint)
     text = TextEncoder(cfg.text)
     latent_size = manifest["columns"]["latent"]["shape"][-1]
     mlflow_run_id = _mlflow_run(cfg, run_name)

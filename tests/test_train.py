@@ -85,14 +85,3 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
     assert torch.allclose(adam_ref, adam_res, atol=1e-7)
     assert res.metrics["loss"] == pytest.approx(ref.metrics["loss"], rel=1e-5)
-
-
-def test_named_run_resubmitted_resumes(tmp_path):
-    cfg = _cfg(tmp_path, "again", "--train.steps=2", "--train.checkpoint_every=2")
-    first = _fit(cfg)
-    assert first.metrics["step"] == 2
-    longer = _cfg(tmp_path, "again", "--train.steps=4", "--train.checkpoint_every=2")
-    second = _fit(longer)
-    with second.checkpoint.as_directory() as ckpt:
-        assert load_weights(ckpt, build_model(cfg.model))["step"] == 4
-    assert second.metrics["step"] == 4

@@ -141,6 +141,8 @@ class TrainConfig:
     """Worker-group restarts Ray Train attempts before giving up."""
     threads_per_worker: int = 0
     """torch intra-op threads per worker (0: leave torch's default)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra custom Ray resources per worker, e.g. {"trainer": 1} to pin workers to labelled nodes."""
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.num_workers < 1:
@@ -151,6 +153,8 @@ class TrainConfig:
             )
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
+        if self.num_workers > 1 and not self.fsdp:
+            raise ConfigError("train.num_workers > 1 needs train.fsdp=true (gradients are synchronised by FSDP)")
         if self.cpus_per_worker <= 0:
             raise ConfigError("train.cpus_per_worker must be > 0 (use a fraction such as 0.5 on small machines)")
 
@@ -246,7 +250,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "ema": {"decay": 0.999},
         # Shapes captions are <= 16 MiniLM tokens; 16 instead of 32 saves ~15% of the step.
         "text": {"max_tokens": 16},
-        "train": {"steps": 1000, "batch_size": 32, "threads_per_worker": 2, "checkpoint_every": 250},
+        "train": {"steps": 600, "batch_size": 32, "threads_per_worker": 2, "checkpoint_every": 200},
         "eval": {"max_prompts": 10},
     },
     "0.5b": {

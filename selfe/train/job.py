@@ -135,7 +135,7 @@ def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict, callbacks
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources},
         ),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs,

@@ -67,7 +67,8 @@ def build_sharded_model(
         model = MMDiT(cfg)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if use_fsdp and dist.is_initialized():
+    # One worker has nothing to shard with: skip FSDP and its per-op DTensor overhead.
+    if use_fsdp and dist.is_initialized() and dist.get_world_size() > 1:
         shard(model, mp_dtype)
     model.to_empty(device=device)
     torch.manual_seed(seed)

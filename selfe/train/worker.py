@@ -25,7 +25,7 @@ from selfe.objective import SelfEObjective, TextCond
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.sampling import SamplerConfig, sample
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
-from selfe.train.parallel import build_sharded_model, local_fraction
+from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train.step import Batch, build_optimizer, lr_at, train_step
 
 STRING_COLUMNS = ("caption", "spec")
@@ -77,6 +77,8 @@ class WorkerLoop:
         self.model = build_sharded_model(cfg.model, self.device, t.seed, t.fsdp, mp_dtype, t.activation_checkpointing)
         # The EMA is sharded exactly like the online model, so its forwards gather shards the same way.
         self.ema = make_ema(self.model, build_sharded_model(cfg.model, self.device, t.seed, t.fsdp, mp_dtype))
+        # Sharded models get bf16 from FSDP's MixedPrecisionPolicy; an unsharded one needs autocast.
+        self.autocast = mp_dtype if not is_sharded(self.model) else None
         self.objective = SelfEObjective(cfg.objective)
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.beta1, o.beta2, o.weight_decay)
@@ -130,7 +132,7 @@ class WorkerLoop:
                 t_compute = time.perf_counter()
                 lr = lr_at(self.step, o.lr, o.lr_end, o.warmup_steps, cfg.train.steps)
                 stats = train_step(self.model, self.ema, self.objective, self.optimizer, batch, self.null, self.step,
-                                   lr, o.grad_clip, cfg.ema, generator=self.generator)
+                                   lr, o.grad_clip, cfg.ema, self.autocast, self.generator)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.window["images"] += self.per_worker * self.world

@@ -1,0 +1,249 @@
+"""The sweep driver: cache -> MLflow parent run -> Tuner (fresh or restored) -> best model registered.
+
+Runs where ``ray job submit`` puts the entrypoint, or locally (starting Ray itself). Everything a
+trial needs lives under ``<storage_path>/<sweep name>/``: Tune's experiment state, one folder per
+trial, the Train checkpoints of every trial (``train_runs/``) and the spec the sweep started with.
+A sweep whose driver died is continued by running the same name again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfe.config import Config
+from selfe.configtools import ConfigError
+from selfe.sweep.space import SweepSpec, grace_period, max_steps, param_space, search_algorithm, spec_from_json, \
+    spec_to_json
+from selfe.sweep.summary import COMPLETED, FAILED, STOPPED, TrialRow, best_row, markdown_table, plot_png, \
+    rows_from_results
+from selfe.sweep.trial import ROLE_TAG, SWEEP_TAG, TRIAL_DRIVER_CPUS, TrialContext, find_runs, \
+    max_concurrent_trials, run_trial
+
+SWEEP_BEST_ALIAS = "sweep-best"
+SPEC_FILE = "selfe_sweep.json"
+BEST_TRIAL_TAG = "selfe.sweep_best_trial"
+MLFLOW_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str
+    """The Tune experiment folder (restorable)."""
+    resumed: bool
+    rows: list[TrialRow]
+    best: TrialRow | None
+    parent_run_id: str | None
+    model_version: int | None
+    table: str
+    out_dir: str
+    plot_path: str | None
+    wall_s: float
+
+
+def default_sweep_name() -> str:
+    return time.strftime("sweep-%Y%m%d-%H%M%S")
+
+
+def trial_dirname(trial: Any) -> str:
+    """Trial folders named by trial id alone (results are matched to trials by it)."""
+    return trial.trial_id
+
+
+def _storage(storage_path: str) -> tuple[str, Any]:
+    """(path for Tune / Train, pyarrow filesystem or None); local paths made absolute."""
+    from selfe.train.job import storage_filesystem
+
+    fs = storage_filesystem(storage_path)
+    if fs is not None:
+        return storage_path.removeprefix("s3://"), fs
+    if "://" not in storage_path:
+        return str(Path(storage_path).resolve()), None
+    return storage_path, None
+
+
+def _absolute_inputs(spec: SweepSpec, base: Config) -> None:
+    """Trials run in their own working directories: pin the cache and the tracking URI."""
+    from selfe.tracking import resolve_tracking_uri
+
+    if "://" not in base.data.cache_root:
+        spec.base.append(f"--data.cache_root={Path(base.data.cache_root).resolve()}")
+    if base.tracking.enabled:
+        uri = resolve_tracking_uri(base)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+        spec.base.append(f"--tracking.tracking_uri={uri}")
+
+
+def _read_text(path: str, fs: Any) -> str | None:
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def _write_text(path: str, text: str, fs: Any) -> None:
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, out_root: str = "outputs") -> SweepResult:
+    """Run (or continue) the sweep ``spec`` and register its best model as ``@sweep-best``.
+
+    A named sweep that exists under ``spec.storage_path`` is restored: finished trials are kept,
+    interrupted ones resume from their last Train checkpoint. ``resume=True`` insists on that.
+    """
+    import ray
+    from ray import tune
+
+    from selfe.data.cache import build_cache
+    from selfe.train.job import ensure_ray
+
+    t0 = time.time()
+    spec = dataclasses.replace(spec, name=spec.name or default_sweep_name(), base=list(spec.base))
+    storage, fs = _storage(spec.storage_path)
+    experiment_path = f"{storage}/{spec.name}"
+    restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if resume and not restoring:
+        raise ConfigError(f"cannot resume sweep {spec.name!r}: nothing restorable at {experiment_path}; "
+                          "check [sweep] name / storage_path, or drop --resume to start it")
+    saved = _read_text(f"{experiment_path}/{SPEC_FILE}", fs) if restoring else None
+    if saved:
+        spec = spec_from_json(saved)  # continue with what the trials started with, whatever the file says now
+        print(f"[sweep] resuming {spec.name!r} from {experiment_path}", flush=True)
+    else:
+        _absolute_inputs(spec, spec.base_config())
+        _write_text(f"{experiment_path}/{SPEC_FILE}", spec_to_json(spec), fs)
+    base = spec.base_config()
+    ensure_ray(base)
+    cache_path, manifest = build_cache(base)  # once, before any trial: every trial reads it
+    concurrency = max_concurrent_trials(base, ray.cluster_resources(), spec.max_concurrent)
+    parent_run_id = _parent_run(base, spec) if base.tracking.enabled else None
+    train_storage = f"{'s3://' if fs is not None else ''}{experiment_path}/train_runs"
+    context = TrialContext(spec=spec, sweep_name=spec.name, train_storage=train_storage, cache_path=cache_path,
+                           latent_size=manifest["columns"]["latent"]["shape"][-1], parent_run_id=parent_run_id)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
+    print(f"[sweep] {spec.name}: {spec.search} search over {', '.join(spec.keys())}; up to {concurrency} trial(s) "
+          f"at once; results in {experiment_path}", flush=True)
+    if restoring:
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space(spec), tune_config=_tune_config(spec, base, concurrency),
+                           run_config=tune.RunConfig(name=spec.name, storage_path=storage, storage_filesystem=fs,
+                                                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                                     verbose=1))
+    rows = rows_from_results(tuner.fit(), spec)
+    best = best_row(rows, spec.mode)
+    out_dir = Path(out_root) / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, spec, best)
+    (out_dir / "summary.md").write_text(table + "\n")
+    png = plot_png(rows, spec)
+    plot_path = None
+    if png:
+        plot_path = str(out_dir / "sweep.png")
+        Path(plot_path).write_bytes(png)
+    version = None
+    if base.tracking.enabled:
+        version = _finish_tracking(spec, base, rows, best, parent_run_id, table, png, out_dir, fs)
+    elif best is not None:
+        _export(spec, best, out_dir / "best_model", fs)
+    return SweepResult(spec.name, experiment_path, restoring, rows, best, parent_run_id, version, table, str(out_dir),
+                       plot_path, time.time() - t0)
+
+
+def _tune_config(spec: SweepSpec, base: Config, concurrency: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if spec.asha.enabled:  # rungs counted in training steps, the unit every trial reports
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_steps(spec, base), grace_period=grace_period(spec, base),
+                                  reduction_factor=spec.asha.reduction_factor)
+    search_alg, num_samples = search_algorithm(spec, concurrency)
+    # The reference point fixes the weight at 0, outside a grid's values: Tune warns, harmlessly.
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
+                           num_samples=num_samples, trial_dirname_creator=trial_dirname)
+
+
+def _parent_run(base: Config, spec: SweepSpec) -> str:
+    """The sweep's MLflow parent run (the existing one when the sweep resumes)."""
+    from mlflow.tracking import MlflowClient
+
+    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run
+
+    setup_tracking(base)
+    found = find_runs(get_or_create_experiment(base.tracking.experiment), spec.name)
+    if found:
+        return found[0]
+    run_id = start_run(base, spec.name, tags={SWEEP_TAG: spec.name, ROLE_TAG: "parent",
+                                              "selfe.sweep_space": spec.source, "selfe.sweep_search": spec.search})
+    client = MlflowClient()
+    client.log_text(run_id, spec_to_json(spec), "sweep/spec.json")
+    if spec.source and os.path.isfile(spec.source):
+        client.log_artifact(run_id, spec.source, "sweep")
+    return run_id
+
+
+def _export(spec: SweepSpec, best: TrialRow, model_dir: Path, fs: Any) -> None:
+    from ray.train import Checkpoint
+
+    from selfe.train.job import export_model
+
+    export_model(spec.trial_config(best.params), Checkpoint(best.checkpoint_path, filesystem=fs), model_dir)
+
+
+def _finish_tracking(spec: SweepSpec, base: Config, rows: list[TrialRow], best: TrialRow | None, parent_run_id: str,
+                     table: str, png: bytes | None, out_dir: Path, fs: Any) -> int | None:
+    """Close the child runs with their outcome, register the best model, log the summary to the parent."""
+    from mlflow.tracking import MlflowClient
+
+    from selfe.tracking import RunLogger, get_or_create_experiment, log_and_register
+
+    client = MlflowClient()
+    experiment_id = get_or_create_experiment(base.tracking.experiment)
+    for row in rows:
+        found = find_runs(experiment_id, spec.name, row.trial_id)
+        row.child_run_id = found[0] if found else None
+    version = None
+    parent = client.get_run(parent_run_id)
+    if best is not None:
+        if parent.data.tags.get(BEST_TRIAL_TAG) == best.trial_id and "selfe.sweep_best_version" in parent.data.tags:
+            version = int(parent.data.tags["selfe.sweep_best_version"])  # a finished sweep, rerun: registered already
+        else:
+            _export(spec, best, out_dir / "best_model", fs)
+            version = log_and_register(best.child_run_id or parent_run_id, out_dir / "best_model",
+                                       base.tracking.registered_model, SWEEP_BEST_ALIAS, promote_champion=False)
+            client.set_tag(parent_run_id, BEST_TRIAL_TAG, best.trial_id)
+            client.set_tag(parent_run_id, "selfe.sweep_best_version", str(version))
+            for key, value in best.params.items():
+                client.set_tag(parent_run_id, f"sweep.best.{key}", str(value))
+    for row in rows:
+        if row.child_run_id:
+            client.set_tag(row.child_run_id, "selfe.sweep_outcome", row.outcome)
+            client.set_terminated(row.child_run_id, MLFLOW_STATUS[row.outcome])
+    logger = RunLogger(parent_run_id)
+    metrics = {"trials": len(rows), "trials_stopped_early": sum(r.outcome == STOPPED for r in rows),
+               "trials_failed": sum(r.outcome == FAILED for r in rows)}
+    if best is not None and best.metric is not None:
+        metrics[f"best_{spec.metric}"] = best.metric
+    logger.log_metrics(metrics, 0)
+    logger.log_artifact_bytes(table.encode(), "sweep/summary.md")
+    if png:
+        logger.log_artifact_bytes(png, "sweep/sweep.png")
+    client.set_terminated(parent_run_id, "FINISHED")
+    return version

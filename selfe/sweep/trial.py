@@ -1,0 +1,117 @@
+"""One Tune trial: a small driver that builds and fits one TorchTrainer, and what it costs.
+
+Ray Train V2 cannot be handed to a Tuner as a Trainer. Instead the Tune trial runs ``run_trial``,
+which fits a TorchTrainer whose RunConfig carries Tune's ``TuneReportCallback``: every
+``ray.train.report`` of rank 0 reaches Tune (and ASHA) as a trial result. The Train run is named
+after the Tune trial id, so a trial restarted by Tune, or by a restored sweep, resumes its own
+checkpoints and reuses its own MLflow child run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from selfe.config import Config
+from selfe.configtools import ConfigError
+from selfe.sweep.space import SweepSpec
+
+TRIAL_DRIVER_CPUS = 0.1
+"""What the trial's own actor reserves: it only waits on the TorchTrainer (Tune rejects 0)."""
+DATA_CPUS = 1.0
+"""Left free for Ray Data: its read and map tasks ask for one CPU each by default, and a trial whose
+workers hold the CPUs its read task needs waits forever."""
+SWEEP_TAG = "selfe.sweep"
+TRIAL_TAG = "selfe.sweep_trial"
+ROLE_TAG = "selfe.sweep_role"
+
+
+@dataclass
+class TrialContext:
+    """What every trial shares, sent once through the object store (``tune.with_parameters``)."""
+
+    spec: SweepSpec
+    sweep_name: str
+    train_storage: str
+    """Where the trials' Train runs keep their checkpoints: inside the sweep's folder."""
+    cache_path: str
+    latent_size: int
+    parent_run_id: str | None
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}"
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """CPUs (and GPUs) one trial holds while it trains: its driver plus its Train workers.
+    The Train controller reserves nothing."""
+    need = {"CPU": TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        need["GPU"] = float(cfg.train.num_workers)
+    return need
+
+
+def max_concurrent_trials(cfg: Config, cluster: dict[str, float], cap: int = 0) -> int:
+    """How many trials fit on ``cluster`` (``ray.cluster_resources()``) at once with DATA_CPUS to
+    spare for Ray Data; ``cap`` > 0 lowers it. Raises ConfigError when not even one fits."""
+    need = trial_resources(cfg)
+    fits = math.floor((cluster.get("CPU", 0.0) - DATA_CPUS) / need["CPU"] + 1e-9)
+    if "GPU" in need:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / need["GPU"] + 1e-9))
+    if fits < 1:
+        have = {k: cluster.get(k, 0.0) for k in need}
+        raise ConfigError(
+            f"one trial needs {need} plus {DATA_CPUS} CPU for Ray Data reads, but the cluster has {have}: lower "
+            "train.cpus_per_worker (fractions are fine) or train.num_workers in [base], or add nodes")
+    return min(fits, cap) if cap else fits
+
+
+def run_trial(params: dict[str, Any], context: TrialContext) -> None:
+    """The Tune trainable: one TorchTrainer fit with this trial's overrides."""
+    import ray.data
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from selfe.data.cache import load_cache, read_null_text
+    from selfe.encoders.text import TextEncoder
+    from selfe.train.job import fit, loop_inputs
+
+    trial_id = tune.get_context().get_trial_id()
+    run_name = trial_run_name(context.sweep_name, trial_id)
+    cfg = context.spec.trial_config(params)
+    cfg.train.run_name = run_name
+    cfg.train.storage_path = context.train_storage
+    mlflow_run_id = None
+    if cfg.tracking.enabled and context.parent_run_id:
+        mlflow_run_id = child_run(cfg, context, trial_id, run_name, params)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per trial buries the log
+    loop_config = loop_inputs(cfg, TextEncoder(cfg.text), read_null_text(context.cache_path), context.latent_size,
+                              mlflow_run_id)
+    result = fit(cfg, run_name, {"train": load_cache(context.cache_path, cfg)}, loop_config,
+                 callbacks=[TuneReportCallback()])
+    if result.error is not None:
+        raise RuntimeError(f"trial {trial_id} ({run_name}) failed: {result.error}") from result.error
+
+
+def child_run(cfg: Config, context: TrialContext, trial_id: str, run_name: str, params: dict[str, Any]) -> str:
+    """This trial's MLflow child run under the sweep's parent; the same one when the trial restarts."""
+    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run
+
+    setup_tracking(cfg)  # also exports MLFLOW_TRACKING_URI, which loop_inputs hands to the workers
+    found = find_runs(get_or_create_experiment(cfg.tracking.experiment), context.sweep_name, trial_id)
+    if found:
+        return found[0]
+    tags = {SWEEP_TAG: context.sweep_name, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+    tags.update({f"sweep.{k}": str(v) for k, v in params.items()})
+    return start_run(cfg, run_name, tags=tags, parent_run_id=context.parent_run_id)
+
+
+def find_runs(experiment_id: str, sweep_name: str, trial_id: str | None = None) -> list[str]:
+    """Run ids of a sweep's parent (trial_id None) or of one of its trials."""
+    from mlflow.tracking import MlflowClient
+
+    query = f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
+    query += f"tags.`{TRIAL_TAG}` = '{trial_id}'" if trial_id else f"tags.`{ROLE_TAG}` = 'parent'"
+    return [r.info.run_id for r in MlflowClient().search_runs([experiment_id], query, max_results=1)]

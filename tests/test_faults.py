@@ -1,0 +1,113 @@
+"""Multi-node behaviour on one machine: a Ray cluster of several nodes (ray.cluster_utils.Cluster),
+training workers on different nodes, and the faults clusters produce."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+from selfe.config import load_config
+from selfe.model import build_model
+from selfe.train.checkpoint import is_complete, load_weights
+from selfe.train.job import fit
+from tests.synthetic import TINY_OVERRIDES, null_text, synthetic_dataset
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+NODE = {"num_cpus": 1, "resources": {"trainer": 1}}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (1 CPU, for Ray Data and the Train controller) and two 1-CPU 'trainer' nodes."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [c.add_node(**NODE) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _cfg(tmp_path, name, steps=6):
+    return load_config(overrides=[
+        *TINY_OVERRIDES, f"--train.storage_path={tmp_path}", f"--train.run_name={name}", f"--train.steps={steps}",
+        "--train.checkpoint_every=2", "--train.num_workers=2", "--train.cpus_per_worker=0.5",
+        "--train.worker_resources.trainer=1", "--train.max_failures=3",
+    ])
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("checkpoint_*") if p.is_dir())
+
+
+def _wait_for_checkpoint(root: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(is_complete(p) for p in _checkpoints(root)):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no checkpoint under {root} after {timeout} s")
+
+
+def _assert_finished(cfg, run_dir: Path) -> None:
+    ckpts = _checkpoints(run_dir)
+    assert ckpts and all(is_complete(p) for p in ckpts), "a checkpoint folder is incomplete"
+    steps = sorted(load_weights(p, build_model(cfg.model))["step"] for p in ckpts)
+    assert steps[-1] == cfg.train.steps
+
+
+def test_workers_on_different_nodes_survive_node_loss(cluster, tmp_path):
+    c, nodes = cluster
+    cfg = _cfg(tmp_path, "node-loss", steps=8)
+    loop = {"config": asdict(cfg), "null_text": null_text(), "mlflow_run_id": None, "grid": None}
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(result=fit(cfg, "node-loss", {"train": synthetic_dataset()}, loop)))
+    runner.start()
+    run_dir = tmp_path / "node-loss"
+    _wait_for_checkpoint(run_dir)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len({a.node_id for a in workers}) == 2  # one worker per trainer node
+    t_fail = time.time()
+    c.remove_node(nodes[1])  # a whole node disappears mid-run
+    replacement = c.add_node(**NODE)  # and the autoscaler brings one back
+    runner.join(timeout=600)
+    assert not runner.is_alive()
+    result = out["result"]
+    assert result.error is None and result.metrics["step"] == 8
+    _assert_finished(cfg, run_dir)
+    print(f"node loss: recovered and finished {time.time() - t_fail:.0f} s after the failure")
+    nodes[1] = replacement
+
+
+def test_killed_driver_resubmitted_with_the_same_name_resumes(cluster, tmp_path):
+    c, _ = cluster
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, str(REPO / "pipelines/train.py"), *TINY_OVERRIDES, "--data.num_samples=48",
+           "--train.run_name=driver-kill", "--train.steps=8", "--train.checkpoint_every=2",
+           "--train.cpus_per_worker=0.5", "--eval.steps=1", "--eval.max_prompts=1", "--eval.untrained_reference=false",
+           f"--train.storage_path={tmp_path / 'ray'}", f"--data.cache_root={tmp_path / 'cache'}",
+           f"--tracking.tracking_uri=sqlite:///{db}", f"--out={tmp_path / 'out'}"]
+    env = {**os.environ, "RAY_ADDRESS": c.address}
+    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "ray" / "driver-kill"
+    _wait_for_checkpoint(run_dir, timeout=400)
+    first.send_signal(signal.SIGKILL)  # the job driver dies (and with it the Train controller it owns)
+    first.wait(30)
+    done_before = max(load_weights(p, build_model(_cfg(tmp_path, "x").model))["step"]
+                      for p in _checkpoints(run_dir) if is_complete(p))
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"resumed from step {done_before}" in second.stdout + second.stderr
+    assert "steps:           8" in second.stdout

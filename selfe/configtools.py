@@ -106,11 +106,17 @@ def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 
 
 def apply_override(obj: Any, dotted: str, value: Any) -> None:
-    """Apply one ``section.field=value`` override (value may be a string from the command line)."""
+    """Apply one ``section.field=value`` override (value may be a string from the command line).
+    ``section.mapping.key=value`` sets one entry of a dict-valued field."""
     *path, leaf = dotted.split(".")
     target, walked = obj, []
-    for part in path:
+    for i, part in enumerate(path):
         names = [f.name for f in dataclasses.fields(target)]
+        if part in names and isinstance(getattr(target, part), dict) and i == len(path) - 1:
+            key = ".".join(walked + [part, leaf])
+            _, vt = typing.get_args(_hints(type(target))[part]) or (Any, Any)
+            getattr(target, part)[leaf] = _coerce(value, vt, key)
+            return
         if part not in names or not dataclasses.is_dataclass(getattr(target, part)):
             raise _unknown(".".join(walked + [part]), [n for n in names if dataclasses.is_dataclass(getattr(target, n))])
         target = getattr(target, part)

@@ -67,3 +67,10 @@ def test_large_presets_resolve():
     cfg = load_config(preset="0.5b")
     assert cfg.model.width == 1024 and cfg.model.double_blocks == 8 and cfg.train.use_gpu
     assert isinstance(cfg, Config)
+
+
+def test_dotted_override_sets_one_mapping_entry():
+    cfg = load_config(overrides=["--train.worker_resources.trainer=1", "--data.task_weights.counting=2"])
+    assert cfg.train.worker_resources == {"trainer": 1.0} and cfg.data.task_weights == {"counting": 2.0}
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(overrides=["--data.task_weights.counting=lots"])

@@ -111,3 +111,29 @@ def test_killed_driver_resubmitted_with_the_same_name_resumes(cluster, tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
     assert f"resumed from step {done_before}" in second.stdout + second.stderr
     assert "steps:           8" in second.stdout
+
+
+def test_preprocess_killed_midway_and_rerun_gives_exactly_the_uninterrupted_rows(cluster, tmp_path):
+    import pyarrow.parquet as pq
+
+    def rows(cache_root: Path) -> list[str]:
+        (cache,) = [p for p in cache_root.iterdir() if (p / "manifest.json").exists()]
+        table = pq.read_table(sorted((cache / "data").glob("*.parquet")), columns=["caption", "spec"])
+        return sorted(c + "|" + s for c, s in zip(table["caption"].to_pylist(), table["spec"].to_pylist()))
+
+    c, _ = cluster
+    env = {**os.environ, "RAY_ADDRESS": c.address}
+    base = [sys.executable, str(REPO / "pipelines/preprocess.py"), "--data.num_samples=600",
+            "--text.max_tokens=16", "--data.encode_batch_size=32"]
+    subprocess.run([*base, f"--out={tmp_path / 'ref'}"], env=env, check=True, capture_output=True, timeout=400)
+    killed = subprocess.Popen([*base, f"--out={tmp_path / 'cut'}"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "cut").glob("*/data/*.parquet")):
+        time.sleep(0.2)  # kill it once it has started writing rows
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert not list((tmp_path / "cut").glob("*/manifest.json")), "a killed build must not look complete"
+    rerun = subprocess.run([*base, f"--out={tmp_path / 'cut'}"], env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "ref")  # no duplicates, no gaps

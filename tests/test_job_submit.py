@@ -42,11 +42,13 @@ def cluster(tmp_path):
 
 
 def _status(address: str, job: str, env: dict) -> str:
+    """`ray job status` (the CLI's logger writes to stderr, so read both streams)."""
     out = subprocess.run(["ray", "job", "status", "--address", address, job], env=env, capture_output=True,
                          text=True, timeout=60)
-    for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if word in out.stdout:
-            return word
+    text = (out.stdout + out.stderr).lower()  # e.g. "Job 'x' succeeded", "Job 'x' is currently RUNNING"
+    for word in ("succeeded", "failed", "stopped", "running", "pending"):
+        if word in text:
+            return word.upper()
     return "UNKNOWN"
 
 
@@ -70,8 +72,9 @@ def test_ray_job_submit_trains_and_registers(cluster, tmp_path):
     while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(5)
         status = _status(address, job_id, env)
-    logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env, capture_output=True,
-                          text=True, timeout=60).stdout
+    out = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env, capture_output=True,
+                         text=True, timeout=60)
+    logs = out.stdout + out.stderr
     assert status == "SUCCEEDED", logs[-3000:]
     assert "selfe training finished" in logs
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")

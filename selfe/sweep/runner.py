@@ -18,16 +18,18 @@ from typing import Any
 
 from selfe.config import Config
 from selfe.configtools import ConfigError
-from selfe.sweep.space import SweepSpec, grace_period, max_steps, param_space, search_algorithm, spec_from_json, \
-    spec_to_json
-from selfe.sweep.summary import COMPLETED, FAILED, STOPPED, TrialRow, best_row, markdown_table, plot_png, \
-    rows_from_results
-from selfe.sweep.trial import ROLE_TAG, SWEEP_TAG, TRIAL_DRIVER_CPUS, TrialContext, find_runs, \
-    max_concurrent_trials, run_trial
+from selfe.sweep.space import (
+    SweepSpec, grace_period, max_steps, param_space, search_algorithm, spec_from_json, spec_to_json,
+)
+from selfe.sweep.summary import (
+    COMPLETED, FAILED, STOPPED, TrialRow, best_row, markdown_table, plot_png, rows_from_results,
+)
+from selfe.sweep.trial import ROLE_TAG, SWEEP_TAG, TrialContext, find_runs, run_trial
 
 SWEEP_BEST_ALIAS = "sweep-best"
 SPEC_FILE = "selfe_sweep.json"
 BEST_TRIAL_TAG = "selfe.sweep_best_trial"
+BEST_VERSION_TAG = "selfe.sweep_best_version"
 MLFLOW_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
 
 
@@ -57,15 +59,19 @@ def trial_dirname(trial: Any) -> str:
 
 
 def _storage(storage_path: str) -> tuple[str, Any]:
-    """(path for Tune / Train, pyarrow filesystem or None); local paths made absolute."""
+    """(path for Tune, pyarrow filesystem or None): local paths made absolute; a URI becomes a path
+    on its filesystem (an S3-compatible endpoint from AWS_ENDPOINT_URL is honoured)."""
+    import pyarrow.fs as pafs
+
     from selfe.train.job import storage_filesystem
 
-    fs = storage_filesystem(storage_path)
-    if fs is not None:
-        return storage_path.removeprefix("s3://"), fs
     if "://" not in storage_path:
         return str(Path(storage_path).resolve()), None
-    return storage_path, None
+    fs = storage_filesystem(storage_path)
+    if fs is not None:
+        return storage_path.removeprefix("s3://").rstrip("/"), fs
+    fs, path = pafs.FileSystem.from_uri(storage_path)
+    return path.rstrip("/"), fs
 
 
 def _absolute_inputs(spec: SweepSpec, base: Config) -> None:
@@ -107,44 +113,25 @@ def run_sweep(spec: SweepSpec, resume: bool = False, out_root: str = "outputs") 
     interrupted ones resume from their last Train checkpoint. ``resume=True`` insists on that.
     """
     import ray
-    from ray import tune
 
     from selfe.data.cache import build_cache
+    from selfe.sweep.resources import max_concurrent_trials
     from selfe.train.job import ensure_ray
 
     t0 = time.time()
-    spec = dataclasses.replace(spec, name=spec.name or default_sweep_name(), base=list(spec.base))
-    storage, fs = _storage(spec.storage_path)
-    experiment_path = f"{storage}/{spec.name}"
-    restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
-    if resume and not restoring:
-        raise ConfigError(f"cannot resume sweep {spec.name!r}: nothing restorable at {experiment_path}; "
-                          "check [sweep] name / storage_path, or drop --resume to start it")
-    saved = _read_text(f"{experiment_path}/{SPEC_FILE}", fs) if restoring else None
-    if saved:
-        spec = spec_from_json(saved)  # continue with what the trials started with, whatever the file says now
-        print(f"[sweep] resuming {spec.name!r} from {experiment_path}", flush=True)
-    else:
-        _absolute_inputs(spec, spec.base_config())
-        _write_text(f"{experiment_path}/{SPEC_FILE}", spec_to_json(spec), fs)
+    spec, experiment_path, fs, restoring = _locate(spec, resume)
     base = spec.base_config()
     ensure_ray(base)
     cache_path, manifest = build_cache(base)  # once, before any trial: every trial reads it
     concurrency = max_concurrent_trials(base, ray.cluster_resources(), spec.max_concurrent)
     parent_run_id = _parent_run(base, spec) if base.tracking.enabled else None
-    train_storage = f"{'s3://' if fs is not None else ''}{experiment_path}/train_runs"
+    uri = spec.storage_path.rstrip("/")  # the Train runs take the storage as given (fit() resolves URIs)
+    train_storage = f"{uri}/{spec.name}/train_runs" if "://" in uri else f"{experiment_path}/train_runs"
     context = TrialContext(spec=spec, sweep_name=spec.name, train_storage=train_storage, cache_path=cache_path,
                            latent_size=manifest["columns"]["latent"]["shape"][-1], parent_run_id=parent_run_id)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
     print(f"[sweep] {spec.name}: {spec.search} search over {', '.join(spec.keys())}; up to {concurrency} trial(s) "
           f"at once; results in {experiment_path}", flush=True)
-    if restoring:
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(trainable, param_space=param_space(spec), tune_config=_tune_config(spec, base, concurrency),
-                           run_config=tune.RunConfig(name=spec.name, storage_path=storage, storage_filesystem=fs,
-                                                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                                     verbose=1))
+    tuner = _tuner(spec, base, context, experiment_path, fs, restoring, concurrency)
     rows = rows_from_results(tuner.fit(), spec)
     best = best_row(rows, spec.mode)
     out_dir = Path(out_root) / spec.name
@@ -152,9 +139,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, out_root: str = "outputs") 
     table = markdown_table(rows, spec, best)
     (out_dir / "summary.md").write_text(table + "\n")
     png = plot_png(rows, spec)
-    plot_path = None
+    plot_path = str(out_dir / "sweep.png") if png else None
     if png:
-        plot_path = str(out_dir / "sweep.png")
         Path(plot_path).write_bytes(png)
     version = None
     if base.tracking.enabled:
@@ -165,19 +151,62 @@ def run_sweep(spec: SweepSpec, resume: bool = False, out_root: str = "outputs") 
                        plot_path, time.time() - t0)
 
 
+def _locate(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, str, Any, bool]:
+    """(spec to run, Tune experiment path, its filesystem, whether it restores an existing sweep).
+    A restored sweep continues with the spec it started with, whatever the file says now."""
+    from ray import tune
+
+    spec = dataclasses.replace(spec, name=spec.name or default_sweep_name(), base=list(spec.base))
+    storage, fs = _storage(spec.storage_path)
+    experiment_path = f"{storage}/{spec.name}"
+    restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
+    if resume and not restoring:
+        raise ConfigError(f"cannot resume sweep {spec.name!r}: nothing restorable at {experiment_path}; "
+                          "check [sweep] name / storage_path, or drop --resume to start it")
+    saved = _read_text(f"{experiment_path}/{SPEC_FILE}", fs) if restoring else None
+    if saved:
+        spec = spec_from_json(saved)
+        print(f"[sweep] resuming {spec.name!r} from {experiment_path}", flush=True)
+    else:
+        _absolute_inputs(spec, spec.base_config())
+        _write_text(f"{experiment_path}/{SPEC_FILE}", spec_to_json(spec), fs)
+    return spec, experiment_path, fs, restoring
+
+
+def _tuner(spec: SweepSpec, base: Config, context: TrialContext, experiment_path: str, fs: Any, restoring: bool,
+           concurrency: int) -> Any:
+    from ray import tune
+
+    from selfe.sweep.resources import TRIAL_DRIVER_CPUS, ReleaseOrphanedPlacementGroups
+
+    # The trial actor only drives a TorchTrainer, whose workers reserve their own CPUs.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
+    if restoring:
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    return tune.Tuner(
+        trainable, param_space=param_space(spec), tune_config=_tune_config(spec, base, concurrency),
+        run_config=tune.RunConfig(name=spec.name, storage_path=experiment_path.rsplit("/", 1)[0], storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                  callbacks=[ReleaseOrphanedPlacementGroups()], verbose=1),
+    )
+
+
 def _tune_config(spec: SweepSpec, base: Config, concurrency: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
     if spec.asha.enabled:  # rungs counted in training steps, the unit every trial reports
+        # stop_last_trials=False: a trial that reaches max_t ends by itself, so its Train run finishes
+        # cleanly (final checkpoint, MLflow flush) instead of being cut off at its last report.
         scheduler = ASHAScheduler(time_attr="step", max_t=max_steps(spec, base), grace_period=grace_period(spec, base),
-                                  reduction_factor=spec.asha.reduction_factor)
+                                  reduction_factor=spec.asha.reduction_factor, stop_last_trials=False)
     search_alg, num_samples = search_algorithm(spec, concurrency)
     # The reference point fixes the weight at 0, outside a grid's values: Tune warns, harmlessly.
     logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
-                           num_samples=num_samples, trial_dirname_creator=trial_dirname)
+                           num_samples=num_samples, time_budget_s=spec.time_budget_s or None,
+                           trial_dirname_creator=trial_dirname)
 
 
 def _parent_run(base: Config, spec: SweepSpec) -> str:
@@ -222,14 +251,14 @@ def _finish_tracking(spec: SweepSpec, base: Config, rows: list[TrialRow], best: 
     version = None
     parent = client.get_run(parent_run_id)
     if best is not None:
-        if parent.data.tags.get(BEST_TRIAL_TAG) == best.trial_id and "selfe.sweep_best_version" in parent.data.tags:
-            version = int(parent.data.tags["selfe.sweep_best_version"])  # a finished sweep, rerun: registered already
+        if parent.data.tags.get(BEST_TRIAL_TAG) == best.trial_id and BEST_VERSION_TAG in parent.data.tags:
+            version = int(parent.data.tags[BEST_VERSION_TAG])  # a finished sweep, rerun: registered already
         else:
             _export(spec, best, out_dir / "best_model", fs)
             version = log_and_register(best.child_run_id or parent_run_id, out_dir / "best_model",
                                        base.tracking.registered_model, SWEEP_BEST_ALIAS, promote_champion=False)
             client.set_tag(parent_run_id, BEST_TRIAL_TAG, best.trial_id)
-            client.set_tag(parent_run_id, "selfe.sweep_best_version", str(version))
+            client.set_tag(parent_run_id, BEST_VERSION_TAG, str(version))
             for key, value in best.params.items():
                 client.set_tag(parent_run_id, f"sweep.best.{key}", str(value))
     for row in rows:

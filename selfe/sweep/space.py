@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from selfe.config import Config, load_config
-from selfe.configtools import ConfigError
+from selfe.configtools import ConfigError, parse_overrides
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,6 +93,8 @@ class SweepSpec:
     """Base training config TOML (as ``pipelines/train.py --config``); empty: the preset."""
     max_failures: int = 1
     """Times Tune restarts a failed trial (its Train run resumes from its last checkpoint)."""
+    time_budget_s: float = 0.0
+    """Stop the sweep after this many seconds (running trials are ended); 0: no limit."""
     asha: AshaSpec = field(default_factory=AshaSpec)
     base: list[str] = field(default_factory=list)
     """``--key=value`` overrides applied to every trial."""
@@ -194,7 +196,11 @@ def load_space(path: str | Path | None, overrides: list[str] | None = None, **sw
     names = [f.name for f in dataclasses.fields(SweepSpec) if f.name not in ("base", "space", "source")]
     _check_known(table, names, "[sweep]")
     asha = table.pop("asha", {})
+    if not isinstance(asha, dict):
+        raise ConfigError(f"[sweep] asha must be a table ([sweep.asha]), got {asha!r}")
     _check_known(asha, [f.name for f in dataclasses.fields(AshaSpec)], "[sweep.asha]")
+    _check_types(table, SweepSpec, "[sweep]")
+    _check_types(asha, AshaSpec, "[sweep.asha]")
     spec = SweepSpec(**table, asha=AshaSpec(**asha), source=str(path or ""))
     spec.base = [f"--{k}={override_value(v)}" for k, v in _flatten(data.get("base", {})).items()]
     spec.base += list(overrides or [])
@@ -204,7 +210,24 @@ def load_space(path: str | Path | None, overrides: list[str] | None = None, **sw
 
 
 def validate(spec: SweepSpec) -> None:
-    """Every check that can fail without Ray: search kind, keys, values, metric, ASHA rungs."""
+    """Every check that can fail without Ray: search kind, keys and values against Config, metric, ASHA."""
+    _check_search(spec)
+    _check_keys(spec)
+    _check_metric(spec, spec.base_config())
+
+
+def _check_types(table: dict[str, Any], cls: type, where: str) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name not in table or f.default is dataclasses.MISSING:
+            continue
+        value, kind = table[f.name], type(f.default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else (
+            isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        if not ok:
+            raise ConfigError(f"{where} {f.name} must be {kind.__name__}, got {value!r}")
+
+
+def _check_search(spec: SweepSpec) -> None:
     if spec.search not in SEARCHES:
         raise ConfigError(f"[sweep] search must be one of {', '.join(SEARCHES)}, got {spec.search!r}")
     if spec.search == "optuna" and importlib.util.find_spec("optuna") is None:
@@ -212,11 +235,22 @@ def validate(spec: SweepSpec) -> None:
                           "(or pip install -e '.[optuna]'), or use search = 'grid' / 'random'")
     if spec.mode not in ("max", "min"):
         raise ConfigError(f"[sweep] mode must be 'max' or 'min', got {spec.mode!r}")
-    if spec.num_samples < 1 or spec.max_concurrent < 0 or spec.max_failures < 0:
-        raise ConfigError("[sweep] num_samples must be >= 1, max_concurrent and max_failures >= 0")
+    if spec.num_samples < 1 or min(spec.max_concurrent, spec.max_failures, spec.time_budget_s) < 0:
+        raise ConfigError("[sweep] num_samples must be >= 1; max_concurrent, max_failures and time_budget_s >= 0")
+
+
+def _check_keys(spec: SweepSpec) -> None:
+    """[base] and [space] keys against the real Config, every listed value and both ends of every range."""
     if not spec.space:
         raise ConfigError("[space] is empty: give at least one key to sweep, e.g. "
                           f"\"{SELF_EVAL_WEIGHT}\" = {{ values = [0.5, 1.0] }}")
+    for key, _ in parse_overrides(spec.base):
+        if key in SWEEP_OWNED[1:]:
+            raise ConfigError(f"[base] {key} is set per trial by the sweep; use [sweep] name / storage_path")
+    try:
+        spec.base_config()
+    except ConfigError as e:
+        raise ConfigError(f"[base]: {e}") from e
     for d in spec.space:
         if d.key.startswith(CACHE_PREFIXES):
             raise ConfigError(f"[space] {d.key!r} changes the encoded cache, which the sweep builds once for all "
@@ -226,14 +260,6 @@ def validate(spec: SweepSpec) -> None:
         if spec.search == "grid" and d.kind != "values":
             raise ConfigError(f"[space] {d.key!r}: grid search needs {{ values = [...] }}; "
                               f"{d.kind} needs search = 'random' or 'optuna'")
-    for key, _ in _base_keys(spec.base):
-        if key in SWEEP_OWNED[1:]:
-            raise ConfigError(f"[base] {key} is set per trial by the sweep; use [sweep] name / storage_path")
-    try:
-        base = spec.base_config()
-    except ConfigError as e:
-        raise ConfigError(f"[base]: {e}") from e
-    for d in spec.space:  # every key, with every listed value or both ends of its range, against Config
         for value in d.args:
             try:
                 load_config(spec.config or None, [*spec.base, f"--{d.key}={override_value(value)}"])
@@ -246,26 +272,24 @@ def validate(spec: SweepSpec) -> None:
         if weight.kind == "values" and 0 in weight.args:
             raise ConfigError(f"[space] {SELF_EVAL_WEIGHT!r} already lists 0 (flow matching): "
                               "drop it or set [sweep] reference = false")
-    if spec.metric == FEWSTEP_METRIC and not base.train.eval_every:
+
+
+def _check_metric(spec: SweepSpec, base: Config) -> None:
+    """The metric must be in every report Tune gets, and ASHA's first rung must come after real scores."""
+    t = base.train
+    if spec.metric == FEWSTEP_METRIC and not t.eval_every:
         raise ConfigError(f"metric {FEWSTEP_METRIC!r} needs periodic evaluation: set \"train.eval_every\" in [base]")
-    if spec.metric != FEWSTEP_METRIC:  # training stats come only with log steps, and Tune wants it in every report
-        t = base.train
+    if spec.metric != FEWSTEP_METRIC:  # training stats come with log steps only
         if any(every % t.log_every for every in (t.checkpoint_every, t.eval_every, t.sample_every) if every):
             raise ConfigError(f"metric {spec.metric!r} is logged every train.log_every={t.log_every} steps: make "
                               "train.checkpoint_every, eval_every and sample_every multiples of it")
     if spec.asha.enabled:
         grace = grace_period(spec, base)
-        if spec.metric == FEWSTEP_METRIC and grace < base.train.eval_every:
+        if spec.metric == FEWSTEP_METRIC and grace < t.eval_every:
             raise ConfigError(f"[sweep.asha] grace_period={grace} comes before the first evaluation "
-                              f"(train.eval_every={base.train.eval_every}): every trial would score 0 there")
+                              f"(train.eval_every={t.eval_every}): every trial would score 0 there")
         if spec.asha.reduction_factor <= 1 or grace < 1 or grace >= max_steps(spec, base):
             raise ConfigError("[sweep.asha] needs reduction_factor > 1 and 1 <= grace_period < train.steps")
-
-
-def _base_keys(base: list[str]) -> list[tuple[str, str]]:
-    from selfe.configtools import parse_overrides
-
-    return parse_overrides(base)
 
 
 def grace_period(spec: SweepSpec, base: Config) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -27,7 +27,6 @@ class TrialRow:
     """The trial's most recent Train checkpoint."""
     error: str | None = None
     child_run_id: str | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def rows_from_results(grid: Any, spec: SweepSpec) -> list[TrialRow]:
@@ -77,8 +76,10 @@ def markdown_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None)
     names = short_names(spec.keys())
     head = ["trial", *names.values(), "steps", "outcome", spec.metric, ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # Completed trials first (their scores are comparable), then those stopped early, then failures.
     sign = -1 if spec.mode == "max" else 1
-    ordered = sorted(rows, key=lambda r: (r.metric is None, sign * (r.metric or 0.0), r.trial_id))
+    rank = {COMPLETED: 0, STOPPED: 1, FAILED: 2}
+    ordered = sorted(rows, key=lambda r: (rank[r.outcome], r.metric is None, sign * (r.metric or 0.0), r.trial_id))
     for r in ordered:
         cells = [r.trial_id, *(_fmt(r.params.get(k)) for k in names), str(r.step), r.outcome,
                  _fmt(r.metric), "**best**" if r is best else (r.error or "")]

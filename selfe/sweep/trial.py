@@ -1,27 +1,20 @@
-"""One Tune trial: a small driver that builds and fits one TorchTrainer, and what it costs.
+"""One Tune trial: a small driver that builds and fits one TorchTrainer.
 
 Ray Train V2 cannot be handed to a Tuner as a Trainer. Instead the Tune trial runs ``run_trial``,
 which fits a TorchTrainer whose RunConfig carries Tune's ``TuneReportCallback``: every
 ``ray.train.report`` of rank 0 reaches Tune (and ASHA) as a trial result. The Train run is named
 after the Tune trial id, so a trial restarted by Tune, or by a restored sweep, resumes its own
-checkpoints and reuses its own MLflow child run.
+checkpoints and reuses its own MLflow child run. What a trial costs: ``selfe.sweep.resources``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from selfe.config import Config
-from selfe.configtools import ConfigError
 from selfe.sweep.space import SweepSpec
 
-TRIAL_DRIVER_CPUS = 0.1
-"""What the trial's own actor reserves: it only waits on the TorchTrainer (Tune rejects 0)."""
-DATA_CPUS = 1.0
-"""Left free for Ray Data: its read and map tasks ask for one CPU each by default, and a trial whose
-workers hold the CPUs its read task needs waits forever."""
 SWEEP_TAG = "selfe.sweep"
 TRIAL_TAG = "selfe.sweep_trial"
 ROLE_TAG = "selfe.sweep_role"
@@ -42,30 +35,6 @@ class TrialContext:
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-{trial_id}"
-
-
-def trial_resources(cfg: Config) -> dict[str, float]:
-    """CPUs (and GPUs) one trial holds while it trains: its driver plus its Train workers.
-    The Train controller reserves nothing."""
-    need = {"CPU": TRIAL_DRIVER_CPUS + cfg.train.num_workers * cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        need["GPU"] = float(cfg.train.num_workers)
-    return need
-
-
-def max_concurrent_trials(cfg: Config, cluster: dict[str, float], cap: int = 0) -> int:
-    """How many trials fit on ``cluster`` (``ray.cluster_resources()``) at once with DATA_CPUS to
-    spare for Ray Data; ``cap`` > 0 lowers it. Raises ConfigError when not even one fits."""
-    need = trial_resources(cfg)
-    fits = math.floor((cluster.get("CPU", 0.0) - DATA_CPUS) / need["CPU"] + 1e-9)
-    if "GPU" in need:
-        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / need["GPU"] + 1e-9))
-    if fits < 1:
-        have = {k: cluster.get(k, 0.0) for k in need}
-        raise ConfigError(
-            f"one trial needs {need} plus {DATA_CPUS} CPU for Ray Data reads, but the cluster has {have}: lower "
-            "train.cpus_per_worker (fractions are fine) or train.num_workers in [base], or add nodes")
-    return min(fits, cap) if cap else fits
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:

@@ -1,0 +1,199 @@
+"""Ray Tune sweeps: space validation (fast), and one tiny 3-trial sweep (slow) that checks ASHA stops a
+bad trial and hands its CPUs to the next one, the MLflow parent/child runs and the sweep-best alias."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from selfe.config import load_config
+from selfe.configtools import ConfigError
+from selfe.sweep.space import load_space, param_space, search_algorithm
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_BASE = """
+"data.num_samples" = 48
+"model.double_blocks" = 1
+"model.single_blocks" = 1
+"model.width" = 64
+"model.head_dim" = 16
+"text.max_tokens" = 16
+"train.steps" = 6
+"train.batch_size" = 8
+"train.log_every" = 1
+"train.checkpoint_every" = 6
+"train.eval_every" = 3
+"train.cpus_per_worker" = 0.5
+"optim.warmup_steps" = 2
+"eval.periodic_per_task" = 1
+"eval.periodic_steps" = [1]
+"eval.steps" = [1]
+"eval.untrained_reference" = false
+"""
+
+
+def write_space(path: Path, sweep: str, space: str, base: str = TINY_BASE) -> Path:
+    path.write_text(f"[sweep]\n{sweep}\n[base]\n{base}\n[space]\n{space}\n")
+    return path
+
+
+# ------------------------------------------------------------------ the space file, without Ray
+
+
+def test_default_space_is_valid_and_has_a_flow_matching_reference():
+    spec = load_space(REPO / "tune" / "default.toml")
+    assert spec.search == "grid" and spec.metric == "geneval_fewstep" and spec.reference
+    assert "objective.self_eval_weight" in spec.keys() and "anneal_fraction" in spec.keys()
+    assert search_algorithm(spec, 1)[1] == spec.num_samples + 1  # the reference is one extra trial
+    assert spec.reference_point()["objective.self_eval_weight"] == 0.0
+    assert set(param_space(spec)) == set(spec.keys())
+    cluster = load_space(REPO / "tune" / "self_eval_schedule.toml")  # the random-search example is valid too
+    assert cluster.search == "random" and "sampler.guidance" in cluster.keys()
+
+
+@pytest.mark.parametrize("sweep, space, message", [
+    ('search = "bayes"', '"optim.lr" = { values = [1e-3] }', "search must be one of grid, random, optuna"),
+    ('serch = "grid"', '"optim.lr" = { values = [1e-3] }', "did you mean 'search'"),
+    ("", '"optim.lr" = { normal = [0, 1] }', "unknown distribution 'normal'"),
+    ("", '"objective.self_eval_wieght" = { values = [1.0] }', "self_eval_weight"),
+    ("", '"optim.lr" = { uniform = [1e-4, 1e-3] }', "grid search needs { values = [...] }"),
+    ("", '"objective.p_s_equals_t" = { values = [0.5, 1.5] }', "p_s_equals_t must be in [0, 1]"),
+    ("", '"text.max_tokens" = { values = [8, 16] }', "changes the encoded cache"),
+    ("reference = true", '"optim.lr" = { values = [1e-3] }', "reference = true needs"),
+    ('metric = "loss"\n[sweep.asha]\ngrace_period = 9', '"optim.lr" = { values = [1e-3] }',
+     "grace_period < train.steps"),
+    ('num_samples = "3"', '"optim.lr" = { values = [1e-3] }', "num_samples must be int"),
+])
+def test_space_errors_name_the_problem(tmp_path, sweep, space, message):
+    with pytest.raises(ConfigError) as err:
+        load_space(write_space(tmp_path / "s.toml", sweep, space))
+    assert message in str(err.value)
+
+
+def test_fewstep_metric_needs_periodic_eval(tmp_path):
+    base = TINY_BASE.replace('"train.eval_every" = 3', '"train.eval_every" = 0')
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        load_space(write_space(tmp_path / "s.toml", "", '"optim.lr" = { values = [1e-3] }', base))
+
+
+def test_optuna_is_optional_with_a_clear_message(tmp_path):
+    path = write_space(tmp_path / "s.toml", 'search = "optuna"', '"optim.lr" = { loguniform = [1e-4, 1e-2] }')
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install optuna"):
+            load_space(path)
+    else:
+        assert load_space(path).search == "optuna"
+
+
+def test_concurrency_leaves_a_cpu_for_ray_data():
+    from selfe.sweep.resources import max_concurrent_trials
+
+    cfg = load_config(overrides=["--train.cpus_per_worker=0.5"])
+    assert max_concurrent_trials(cfg, {"CPU": 2.0}) == 1  # 2 trials (1.2 CPUs) would starve the read tasks
+    assert max_concurrent_trials(cfg, {"CPU": 16.0}) == 25
+    assert max_concurrent_trials(cfg, {"CPU": 16.0}, cap=3) == 3
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        max_concurrent_trials(load_config(), {"CPU": 2.0})  # a 1-CPU worker + 0.1 driver + 1 for reads > 2
+    gpu = load_config(overrides=["--train.use_gpu=true", "--train.num_workers=2"])
+    assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    pinned = load_config(overrides=["--train.cpus_per_worker=0.5", "--train.worker_resources.trainer=1"])
+    assert max_concurrent_trials(pinned, {"CPU": 16.0, "trainer": 2.0}) == 2  # custom resources count too
+
+
+# ------------------------------------------------------------------ one real sweep
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Three 6-step trials one at a time: lr 3e-3, 1e-9 (learns nothing), 3e-3. ASHA's only rung is
+    step 4, ranked by the training loss (the tiny model scores 0 on GenEval-lite after 6 steps, so the
+    few-step score cannot tell the trials apart here): the 1e-9 trial must stop there."""
+    from selfe.sweep.runner import run_sweep
+
+    root = tmp_path_factory.mktemp("tune")
+    # address="local": a new instance even when `ray start` left a cluster on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        sweep_table = (f'name = "asha"\nmetric = "loss"\nmode = "min"\nmax_concurrent = 1\ntime_budget_s = 900\n'
+                       f'storage_path = "{root / "sweeps"}"\n[sweep.asha]\ngrace_period = 4\nreduction_factor = 2')
+        base = TINY_BASE + f'"data.cache_root" = "{root / "cache"}"\n'
+        spec = load_space(write_space(root / "space.toml", sweep_table, '"optim.lr" = { values = [3e-3, 1e-9, 3e-3] }',
+                                      base))
+        yield spec, run_sweep(spec, out_root=str(root / "outputs")), root
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_sweep_runs_its_trials_and_summarises(sweep):
+    spec, res, root = sweep
+    assert [r.params["optim.lr"] for r in res.rows] == [3e-3, 1e-9, 3e-3]
+    done = [r for r in res.rows if r.outcome == "completed"]
+    assert len(done) == 2 and all(r.step == 6 and Path(r.checkpoint_path).is_dir() for r in done)
+    assert res.best is res.rows[0] and res.best.params["optim.lr"] == 3e-3
+    summary = (Path(res.out_dir) / "summary.md").read_text()
+    assert "**best**" in summary and "stopped early" in summary
+    assert Path(res.plot_path).stat().st_size > 1000
+    train_runs = {p.name for p in (root / "sweeps" / "asha" / "train_runs").iterdir()}
+    assert train_runs == {f"asha-{r.trial_id}" for r in res.rows}  # every trial's checkpoints inside the sweep
+
+
+@pytest.mark.slow
+def test_asha_stops_the_bad_trial_and_its_cpus_go_to_the_next(sweep):
+    from selfe.sweep.resources import orphaned_placement_groups
+
+    _, res, _ = sweep
+    first, bad, later = res.rows
+    assert bad.params["optim.lr"] == 1e-9 and bad.outcome == "stopped early" and bad.step == 4
+    assert later.outcome == "completed" and later.step == 6  # ran after the bad trial, on its CPUs
+    deadline = time.time() + 30
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < 2.0 - 1e-6:
+        time.sleep(1)
+    assert orphaned_placement_groups() == []
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_mlflow_parent_child_runs_and_sweep_best_alias(sweep):
+    spec, res, _ = sweep
+    client = MlflowClient()
+    parent = client.get_run(res.parent_run_id)
+    assert parent.data.tags["selfe.sweep_role"] == "parent" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 3
+    by_trial = {c.data.tags["selfe.sweep_trial"]: c for c in children}
+    assert set(by_trial) == {r.trial_id for r in res.rows}
+    statuses = {by_trial[r.trial_id].info.status for r in res.rows if r.outcome == "stopped early"}
+    assert statuses == {"KILLED"}
+    best_child = by_trial[res.best.trial_id]
+    assert best_child.info.status == "FINISHED" and best_child.data.params["optim.lr"] == "0.003"
+    assert [m.step for m in client.get_metric_history(best_child.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert "geneval_fewstep" in best_child.data.metrics  # the periodic few-step score, logged by rank 0
+    version = client.get_model_version_by_alias("selfe", "sweep-best")
+    assert int(version.version) == res.model_version and version.run_id == best_child.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
+    assert {"sweep/summary.md", "sweep/sweep.png", "sweep/spec.json"} <= artifacts
+    assert parent.data.metrics["trials_stopped_early"] == 1
+
+
+@pytest.mark.slow
+def test_rerunning_a_named_sweep_restores_it(sweep):
+    from selfe.sweep.runner import run_sweep
+
+    spec, first, root = sweep
+    again = run_sweep(spec, resume=True, out_root=str(root / "outputs"))
+    assert again.resumed and [r.trial_id for r in again.rows] == [r.trial_id for r in first.rows]
+    assert [r.outcome for r in again.rows] == [r.outcome for r in first.rows]
+    assert again.parent_run_id == first.parent_run_id and again.model_version == first.model_version
+    with pytest.raises(ConfigError, match="nothing restorable"):
+        run_sweep(load_space(root / "space.toml", name="never-ran"), resume=True)

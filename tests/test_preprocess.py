@@ -42,7 +42,7 @@ def ray_session(s3_server: str) -> Iterator[str]:
     """Ray on 2 CPUs; started after the moto fixture so workers inherit its fake AWS credentials."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield s3_server
     ray.shutdown()
 

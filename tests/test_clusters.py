@@ -270,7 +270,7 @@ def test_sweep_job_fits_whole_trials(capsys, monkeypatch, tmp_path):
     if not (REPO / "tune" / "sweep.py").is_file():
         pytest.skip("tune/sweep.py is not written yet")
     from selfe.data.cache import cache_dir
-    from selfe.sweep.trial import max_concurrent_trials
+    from selfe.sweep.resources import max_concurrent_trials
 
     doc = job("sweep")
     args = entrypoint(doc)

@@ -140,7 +140,7 @@ class RunLogger:
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"could not log artifact {artifact_path} to MLflow: {e}", stacklevel=2)
 
-    def log_grids(self, grids: dict[int, np.ndarray], step: int, prompts: list[str], codec_cfg: Any = None) -> None:
+    def log_grids(self, grids: dict[int, np.ndarray], step: int, codec_cfg: Any = None) -> None:
         """Sample grids (rows = step counts, columns = prompts) as one PNG per logging step."""
         images = {k: _to_uint8(v, codec_cfg) for k, v in grids.items()}
         self.log_artifact_bytes(png_bytes(grid_image(images)), f"samples/grid_step{step:07d}.png")

@@ -183,7 +183,7 @@ class WorkerLoop:
             grid = self.loop_config["grid"]
             latents = {s: self._sample(grid, s) for s in self.cfg.eval.steps}
             if self.tracker is not None:
-                self.tracker.log_grids(latents, step, grid["prompts"], self.cfg.codec)
+                self.tracker.log_grids(latents, step, self.cfg.codec)
         if do_ckpt:
             progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             with tempfile.TemporaryDirectory() as tmp:

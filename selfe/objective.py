@@ -40,6 +40,8 @@ class ObjectiveConfig:
     """Enable the late fake-score term (needs fake-prompt embeddings in the batch)."""
     aux_start_step: int = 550_000
     """Step from which the fake-score term is on (paper: 550k of 710k; from the start hurts)."""
+    fake_prompt_prefix: str = "fake image "
+    """c_fake = prefix + caption; the cache stores its embeddings when fake_score is on. [paper]"""
     fake_mix_k: float = 0.9
     """Delta = k (g_u - g_c) + (1 - k)(g_f - g_c) once the fake-score term is on."""
     fake_loss_weight: float = 1.0

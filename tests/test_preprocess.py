@@ -30,6 +30,7 @@ from selfe.data.cache import (
     load_cache,
     read_manifest,
     read_null_text,
+    validate_manifest,
 )
 from selfe.data.shapes import ShapesConfig, generate_one, spec_to_json
 from selfe.data.transforms import decode_image
@@ -268,6 +269,29 @@ def write_shards(root: Path) -> None:
     whole = buf.getvalue()
     third_png = whole.index(b"002.png")
     (root / "shard-001.tar").write_bytes(whole[: third_png + 512 + 100])  # ends inside the third image
+
+
+@pytest.mark.slow
+def test_fake_score_adds_fake_prompt_columns(ray_session: str, tmp_path: Path) -> None:
+    """objective.fake_score caches c_fake = "fake image " + caption beside the caption (own cache key),
+    and the cache without them is refused for such a run."""
+    from selfe.encoders.text import TextEncoder
+
+    plain = make_cfg(tmp_path, "--data.num_samples=12")
+    fake_cfg = make_cfg(tmp_path, "--data.num_samples=12", "--objective.fake_score=true")
+    assert cache_key(plain) != cache_key(fake_cfg)
+    plain_path, _ = build_cache(plain)
+    with pytest.raises(CacheMismatchError, match="objective.fake_score"):
+        validate_manifest(read_manifest(plain_path), fake_cfg, plain_path)
+    path, manifest = build_cache(fake_cfg)
+    assert manifest["fake_prompt_prefix"] == "fake image "
+    assert manifest["columns"]["fake_tokens"] == manifest["columns"]["text_tokens"]
+    row = rows_of(path, fake_cfg)[0]
+    expect = TextEncoder(fake_cfg.text).encode(["fake image " + row["caption"], row["caption"]])
+    fake_tokens = torch.as_tensor(row["fake_tokens"]).float()
+    assert torch.allclose(fake_tokens, expect.tokens[0], atol=1e-2)
+    assert not torch.allclose(fake_tokens, torch.as_tensor(row["text_tokens"]).float(), atol=1e-2)
+    assert (torch.as_tensor(row["fake_mask"]) == expect.mask[0]).all()
 
 
 @pytest.mark.slow

@@ -92,6 +92,8 @@ def cache_key(cfg: Config) -> str:
         "text_encoder": _model_identity(cfg.text.name),
         "max_tokens": cfg.text.max_tokens,
     }
+    if cfg.objective.fake_score:  # extra fake_* columns; caches without the term keep their old key
+        inputs["fake_prompt_prefix"] = cfg.objective.fake_prompt_prefix
     if shapes:
         inputs |= {"num_samples": data.num_samples, "seed": data.seed, "task_weights": sorted(data.task_weights.items())}
     else:
@@ -155,6 +157,9 @@ def validate_manifest(manifest: dict, cfg: Config, path: str = "cache") -> None:
         ("codec kind", manifest["codec"]["kind"], cfg.codec.kind, "codec.kind"),
     ]
     problems = [f"  {what}: cache has {have!r}, config has {key}={want!r}" for what, have, want, key in checks if have != want]
+    if cfg.objective.fake_score and "fake_tokens" not in manifest["columns"]:
+        problems.append("  fake-prompt columns: the cache has none, config has objective.fake_score=true "
+                        "(rebuild the cache with objective.fake_score=true)")
     if problems:
         raise CacheMismatchError(
             f"cache {path} does not match the training config:\n" + "\n".join(problems) + "\n"
@@ -336,7 +341,11 @@ def _finish(
             "text_pooled": {"shape": [text["pooled_width"]], "dtype": "float16"},
             "caption": {"dtype": "string"},
             "spec": {"dtype": "string"},
+            **({"fake_tokens": {"shape": [text["max_tokens"], text["width"]], "dtype": "float16"},
+                "fake_mask": {"shape": [text["max_tokens"]], "dtype": "bool"},
+                "fake_pooled": {"shape": [text["pooled_width"]], "dtype": "float16"}} if cfg.objective.fake_score else {}),
         },
+        "fake_prompt_prefix": cfg.objective.fake_prompt_prefix if cfg.objective.fake_score else None,
         "codec": {"kind": cfg.codec.kind, **info["codec"]},
         "text_encoder": text,
         "skipped": skipped,

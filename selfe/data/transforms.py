@@ -288,6 +288,8 @@ class EncodeBatch:
             # tasks) runs 2 threads, which use the whole machine once the decoding is done.
             torch.set_num_threads(max(1, math.ceil(cfg.data.encode_cpus)))
         self.resolution = cfg.data.resolution
+        # The fake-score term prompts the model with "fake image " + caption: its embeddings are cached too.
+        self.fake_prefix = cfg.objective.fake_prompt_prefix if cfg.objective.fake_score else None
         self.codec, text = build_encoders(cfg, "cuda" if use_cuda else "cpu")
         self.text = CaptionEmbeddings(text)
         self.ledger = ledger
@@ -302,6 +304,9 @@ class EncodeBatch:
         images = np.asarray(batch["image"], dtype=np.uint8).reshape(-1, self.resolution, self.resolution, 3)
         out = encode_arrays(images, captions, self.codec, self.text)
         truncated = out.pop("truncated")
+        if self.fake_prefix is not None:
+            fake = self.text([self.fake_prefix + c for c in captions])
+            out.update({f"fake_{k.removeprefix('text_')}": fake[k] for k in ("text_tokens", "text_mask", "text_pooled")})
         examples = {"truncated_caption": [ids[i] for i in np.flatnonzero(truncated)[:_EXAMPLES_PER_REASON]]}
         _report(self.ledger, "encode", ids, {"written": len(ids), "truncated_caption": int(truncated.sum())}, examples)
         out["caption"] = np.array(captions, dtype=object)

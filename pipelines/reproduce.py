@@ -1,0 +1,215 @@
+"""Reproduce the paper's claims at small scale: Self-E vs flow matching, ablations, landing policy.
+
+    python pipelines/reproduce.py                      # CPU budget: tiny model, 32x32 shapes, ~1.5 h on 2 cores
+    python pipelines/reproduce.py --budget gpu         # 64x64, ~30M parameters, one GPU
+    python pipelines/reproduce.py --variants self_e,flow_matching --train.steps=400
+
+Every variant is trained by the real job (``selfe.train.job.run_training``: Ray Train, MLflow run,
+registered model) with the same model, data, seeds, step count and batch; only the objective differs.
+Each kept checkpoint is scored with GenEval-lite at 1/2/4/8 steps, the final model at 1/2/4/8/50 and
+under the inference ablations (landing time; guidance and eta). Results accumulate in
+``<out>/<budget>/study.json``: a rerun skips what is done and resumes an interrupted training run.
+``docs/results.md`` is regenerated between its ``generated`` markers; text outside them is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from selfe.config import load_config  # noqa: E402
+from selfe.configtools import ConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGETS = {
+    # 4 runs of 800 steps at batch 32 (~15 min each on 2 cores) + evaluation.
+    "cpu": {"config": None, "overrides": ["--train.steps=800", "--train.checkpoint_every=200"]},
+    "gpu": {"config": ROOT / "benchmarks" / "configs" / "reproduce-gpu.toml", "overrides": []},
+}
+VARIANTS = {
+    "self_e": ("Self-E", []),
+    # Flow matching samples with s = t (landing "current"): its network never saw s != t.
+    "flow_matching": ("flow matching", ["--objective.method=flow_matching", "--sampler.landing=current"]),
+    "no_renorm": ("Self-E without target renorm", ["--objective.renorm_target=false"]),
+    "fake_from_start": ("Self-E + fake-score term from step 0", ["--objective.fake_score=true",
+                                                                "--objective.aux_start_step=0"]),
+}
+CHECKPOINT_STEPS = [1, 2, 4, 8]
+FINAL_STEPS = [1, 2, 4, 8, 50]
+LANDING = [("next", [1, 2]), ("current", [1, 2]), ("midpoint", [1, 2])]
+# (guidance omega, eta) beside the default (5, 1): what the method leaves to inference.
+SAMPLER_DIAGNOSTICS = [(1.0, 1.0), (3.0, 1.0), (5.0, 0.0)]
+DIAGNOSED = ("self_e", "flow_matching")
+
+
+class Study:
+    """study.json: {"runs": {variant: {...}}, "evals": {key: summary}} — written after every result."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"runs": {}, "evals": {}}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def variant_config(budget: str, variant: str, extra: list[str]):
+    b = BUDGETS[budget]
+    overrides = [*b["overrides"], "--eval.max_prompts=20", "--tracking.experiment=selfe-reproduce",
+                 "--tracking.registered_model=selfe-reproduce", f"--tracking.alias={budget}-{variant.replace('_', '-')}",
+                 *VARIANTS[variant][1], *extra]  # the command line's overrides win
+    cfg = load_config(b["config"], overrides)
+    cfg.eval.steps = list(FINAL_STEPS)
+    cfg.train.run_name = f"repro-{budget}-{variant.replace('_', '-')}"
+    # Keep every checkpoint: each one is evaluated (quality vs training progress).
+    cfg.train.keep_checkpoints = cfg.train.steps // cfg.train.checkpoint_every + 1
+    return cfg
+
+
+def train(study: Study, variant: str, cfg, out: Path) -> dict:
+    from selfe.train.job import run_training
+
+    run = study.data["runs"].get(variant)
+    if run and run.get("done"):
+        return run
+    t0 = time.time()
+    res = run_training(cfg, out_root=str(out))
+    run = {"run_name": res.run_name, "mlflow_run_id": res.mlflow_run_id, "model_dir": res.model_dir,
+           "model_version": res.model_version, "final_step": res.final_step, "train_s": res.train_seconds,
+           "job_s": time.time() - t0, "grid": res.grid_path, "done": True}
+    study.data["runs"][variant] = run
+    for steps, summary in res.geneval.items():  # the job's own final evaluation: steps 1/2/4/8/50 + untrained
+        study.data["evals"][f"{variant}|final|{steps}"] = summary
+    study.save()
+    return run
+
+
+def checkpoints(cfg) -> list[Path]:
+    root = Path(cfg.train.storage_path) / cfg.train.run_name
+    return sorted(p for p in root.glob("checkpoint_*") if p.is_dir())
+
+
+def evaluate(study: Study, key: str, gen, records: list[dict], steps: int, cfg, logger=None, metric_step: int = 0,
+             prefix: str = "", **sampler_kw) -> dict:
+    from selfe.eval.runner import evaluate_steps
+
+    if key in study.data["evals"]:
+        return study.data["evals"][key]
+    t0 = time.time()
+    summary = evaluate_steps(gen, records, [steps], seed=cfg.eval.seed, batch_size=cfg.eval.batch_size,
+                             **sampler_kw)[steps]
+    summary["eval_s"] = round(time.time() - t0, 1)
+    study.data["evals"][key] = summary
+    study.save()
+    if logger is not None:
+        logger.log_metrics({f"{prefix}geneval_{steps}steps_overall": summary["overall"]}, metric_step)
+    print(f"[reproduce] {key}: overall {summary['overall']:.3f} ({summary['eval_s']} s)", flush=True)
+    return summary
+
+
+def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path) -> None:
+    from ray.train import Checkpoint
+
+    from selfe.encoders.text import TextEncoder
+    from selfe.eval.runner import select_prompts
+    from selfe.generator import ImageGenerator, load_generator
+    from selfe.tracking import RunLogger
+    from selfe.train.job import export_model
+
+    records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
+    logger = RunLogger(run["mlflow_run_id"]) if run.get("mlflow_run_id") else None
+    text = TextEncoder(cfg.text)
+    for path in checkpoints(cfg):
+        model_dir = out / cfg.train.run_name / "checkpoints" / path.name
+        model, step = export_model(cfg, Checkpoint(str(path)), model_dir)
+        if step >= run["final_step"]:
+            continue  # the final model is scored by the job itself
+        gen = ImageGenerator(model, cfg, text=text)
+        for steps in CHECKPOINT_STEPS:
+            evaluate(study, f"{variant}|ckpt{step}|{steps}", gen, records, steps, cfg, logger, step, "ckpt_")
+    final = load_generator(run["model_dir"])
+    if variant in DIAGNOSED:
+        for policy, steps_list in LANDING:
+            for steps in steps_list:
+                evaluate(study, f"{variant}|landing-{policy}|{steps}", final, records, steps, cfg, logger,
+                         prefix=f"landing_{policy}_", landing=policy)
+        for omega, eta in SAMPLER_DIAGNOSTICS:
+            for steps in FINAL_STEPS:
+                evaluate(study, f"{variant}|w{omega:g}-eta{eta:g}|{steps}", final, records, steps, cfg, logger,
+                         prefix=f"w{omega:g}_eta{eta:g}_", guidance=omega, eta=eta)
+    if logger is not None:
+        logger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=list(BUDGETS), default="cpu")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    ap.add_argument("--out", default="outputs/reproduce", help="folder for models, eval files and study.json")
+    ap.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="markdown report to (re)generate")
+    args, extra = ap.parse_known_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    try:  # every config is resolved (and validated) before any training starts
+        configs = {v: variant_config(args.budget, v, extra) for v in variants}
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) / args.budget
+    study = Study(out / "study.json")
+    study.data["budget"] = args.budget
+    study.data["hardware"] = hardware()
+    study.data["command"] = " ".join(["python pipelines/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    study.data["config"] = {v: {"steps": c.train.steps, "batch_size": c.train.batch_size,
+                                "params": _params(c), "resolution": c.data.resolution,
+                                "prompts": len(_records(c))} for v, c in configs.items()}
+    t0 = time.time()
+    for variant, cfg in configs.items():
+        run = train(study, variant, cfg, out)
+        evaluate_variant(study, variant, cfg, run, out)
+    study.data.setdefault("wall_s", {})[",".join(variants)] = round(time.time() - t0)
+    study.save()
+    from selfe.eval.report import write_report
+
+    write_report(study.data, Path(args.report), VARIANTS)
+    print(f"\n=== reproduction finished: {study.path}, report {args.report} ===")
+    return 0
+
+
+def _params(cfg) -> int:
+    from selfe.model import build_model
+
+    return sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
+
+
+def _records(cfg) -> list[dict]:
+    from selfe.eval.runner import select_prompts
+
+    return select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
+
+
+def hardware() -> dict:
+    import os
+
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,7 +49,8 @@ def write_space(path: Path, sweep: str, space: str, base: str = TINY_BASE) -> Pa
 def test_default_space_is_valid_and_has_a_flow_matching_reference():
     spec = load_space(REPO / "tune" / "default.toml")
     assert spec.search == "grid" and spec.metric == "geneval_fewstep" and spec.reference
-    assert "objective.self_eval_weight" in spec.keys() and "anneal_fraction" in spec.keys()
+    assert "objective.self_eval_weight" in spec.keys()
+    assert spec.base_config().train.steps >= 150  # long enough for the few-step score to leave 0 and rank trials
     assert search_algorithm(spec, 1)[1] == spec.num_samples + 1  # the reference is one extra trial
     assert spec.reference_point()["objective.self_eval_weight"] == 0.0
     assert set(param_space(spec)) == set(spec.keys())

@@ -1,0 +1,90 @@
+"""Sampling latency of the any-step sampler: per step and per image, at several step counts and batches.
+
+    python benchmarks/sampling_latency.py                          # tiny preset, CPU
+    python benchmarks/sampling_latency.py --device cuda --preset 0.5b --model.double_blocks=2 --model.single_blocks=4
+
+Times ``selfe.sampling.sample`` on pre-encoded prompts (the text encoder runs once per prompt and is
+timed separately), with the default EP-CFG (two branches batched in one forward: 2 NFE per step)
+and with guidance off (1 NFE per step). Weights are random: latency does not depend on them.
+Median of ``--repeats`` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from selfe.config import load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", default="1,2,4,8,50")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    args, overrides = ap.parse_known_args(argv)
+    cfg = load_config(overrides=overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from selfe.encoders.text import TextEncoder
+    from selfe.model import build_model
+    from selfe.objective import TextCond
+    from selfe.sampling import sample
+
+    device = torch.device(args.device)
+    model = build_model(cfg.model, device).eval()  # bf16 runs under autocast, as the generator's caller would
+    side = cfg.data.resolution // (8 if cfg.codec.kind != "pixels" else 1)
+    prompts = ["a photo of a red circle", "a blue square to the left of a green triangle"]
+    t0 = time.perf_counter()
+    if cfg.model.text_width == 384:  # the bundled encoder: time it as the generator would run it
+        emb = TextEncoder(cfg.text).encode(prompts * 32)
+        text_ms = (time.perf_counter() - t0) * 1000 / 64
+        base = TextCond(emb.tokens, emb.mask, emb.pooled)
+    else:  # production widths (T5): random embeddings of the right shape
+        n = cfg.text.max_tokens
+        base = TextCond(torch.randn(64, n, cfg.model.text_width), torch.ones(64, n, dtype=torch.bool),
+                        torch.randn(64, cfg.model.pooled_width))
+        text_ms = float("nan")
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {side}x{side}x{cfg.model.in_channels} "
+          f"latent, patch {cfg.model.patch_size}, {args.device} {args.dtype}, {torch.get_num_threads()} threads; "
+          f"text encoder {text_ms:.1f} ms/prompt")
+    print("| batch | steps | guidance | NFE | ms / batch | ms / step | ms / image |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in [int(b) for b in args.batches.split(",")]:
+        idx = torch.arange(batch) % base.tokens.shape[0]
+        cond = TextCond(*(x[idx].to(device) for x in base))
+        null = TextCond(*(x[:1].to(device) for x in base))
+        for steps in [int(s) for s in args.steps.split(",")]:
+            for omega in (cfg.sampler.guidance, 1.0):
+                sc = replace(cfg.sampler, steps=steps, guidance=omega)
+                times, nfe = [], 0
+                for i in range(args.repeats + 1):
+                    g = torch.Generator(device).manual_seed(i)
+                    noise = torch.randn(batch, cfg.model.in_channels, side, side, generator=g, device=device)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"):
+                        _, nfe = sample(model, noise, cond, null, sc, cfg.model.patch_size, generator=g)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if i:
+                        times.append(time.perf_counter() - t)
+                ms = sorted(times)[len(times) // 2] * 1000
+                print(f"| {batch} | {steps} | {omega:g} | {nfe} | {ms:.1f} | {ms / steps:.2f} | {ms / batch:.2f} |",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,22 +54,30 @@ def train_cmd(work: Path, name: str, steps: int, every: int) -> list[str]:
 
 
 def step_history(db: Path, name: str, key: str = "loss") -> list[tuple[float, int]]:
-    """[(wall time s, step)] of the run's logged ``key``, in logging order (read from the database)."""
-    from mlflow.tracking import MlflowClient
+    """[(wall time s, step)] of the run's logged ``key``, read straight from the SQLite store.
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exps = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exps, f"tags.`selfe.train_run_name` = '{name}'", max_results=1) if exps else []
-    if not runs:
+    Read-only SQL, not an MlflowClient: a client opening the database while the job's driver creates
+    it would race it through MLflow's schema migrations."""
+    import sqlite3
+
+    if not db.exists():
         return []
-    hist = client.get_metric_history(runs[0].info.run_id, key)
-    return sorted((m.timestamp / 1000, m.step) for m in hist)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = con.execute(
+            "select m.timestamp, m.step from metrics m join tags t on m.run_uuid = t.run_uuid "
+            "where t.key = 'selfe.train_run_name' and t.value = ? and m.key = ?", (name, key)).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        rows = []
+    finally:
+        con.close()
+    return sorted((ts / 1000, step) for ts, step in rows)
 
 
 def wait_for_step(db: Path, name: str, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        hist = step_history(db, name) if db.exists() else []
+        hist = step_history(db, name)
         if hist and max(s for _, s in hist) >= step:
             return
         if proc.poll() is not None:
@@ -166,7 +174,7 @@ def run_preprocess_fault(cluster, work: Path, samples: int) -> dict:
     return {"fault": "preprocess_kill", "exit_code": rerun.returncode, "clean_run_s": round(clean_s, 1),
             "killed_after_s": round(t_fault - t_start, 1), "partial_files_at_kill": partial,
             "rerun_s": round(t_end - t_fault, 1), "rows": len(got), "rows_expected": len(ref),
-            "identical_rows": got == ref, "duplicates": len(got) - len(set(got))}
+            "identical_rows": got == ref}  # as multisets: the world itself repeats some scenes
 
 
 def mlflow_server(db: Path, port: int) -> subprocess.Popen:
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preprocess-samples", type=int, default=3000)
     ap.add_argument("--outage-s", type=float, default=20.0, help="how long the MLflow server stays down")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--work", help="folder for the runs and their logs (default: a new temporary folder, kept)")
     args = ap.parse_args(argv)
     faults = args.faults.split(",")
     if unknown := sorted(set(faults) - set(ALL_FAULTS)):
@@ -255,19 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=cluster.address, log_to_driver=False)
     results = []
     try:
-        with tempfile.TemporaryDirectory(prefix="selfe-faults-") as tmp:
-            for fault in faults:
-                work = Path(tmp) / fault
-                work.mkdir()
-                print(f"[faults] {fault} ...", flush=True)
+        root = Path(args.work or tempfile.mkdtemp(prefix="selfe-faults-"))
+        print(f"[faults] runs and logs in {root}", flush=True)
+        for fault in faults:
+            work = root / fault
+            work.mkdir(parents=True)
+            print(f"[faults] {fault} ...", flush=True)
+            try:
                 if fault == "preprocess_kill":
                     res = run_preprocess_fault(cluster, work, args.preprocess_samples)
                 elif fault == "mlflow_outage":
                     res = run_mlflow_outage(cluster, work, args.steps, args.checkpoint_every, args.fault_at, args.outage_s)
                 else:
                     res = run_train_fault(fault, cluster, nodes, work, args.steps, args.checkpoint_every, args.fault_at)
-                print(json.dumps(res), flush=True)
-                results.append(res)
+            except Exception as e:  # one broken scenario must not hide the others' numbers
+                res = {"fault": fault, "exit_code": -1, "error": f"{type(e).__name__}: {e}"}
+            print(json.dumps(res), flush=True)
+            results.append(res)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -275,13 +288,15 @@ def main(argv: list[str] | None = None) -> int:
           "finished | checkpoints complete |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        if r["fault"] == "mlflow_outage":
+        if "error" in r:
+            print(f"| {r['fault']} | failed: {r['error']} |")
+        elif r["fault"] == "mlflow_outage":
             print(f"| mlflow_outage | — | — | 0 (steps trained while down: {r['steps_trained_while_down']}; every step "
                   f"logged: {r['every_step_logged']}) | backlog in {r['backlog_delivered_s_after_restart']} s after the "
                   f"server returned ({r['outage_s']} s outage) | — | rc {r['exit_code']} | — |")
         elif r["fault"] == "preprocess_kill":
-            print(f"| preprocess_kill | — | — | rows: {r['rows']}/{r['rows_expected']}, identical={r['identical_rows']}, "
-                  f"duplicates={r['duplicates']} | rerun {r['rerun_s']} s (clean run {r['clean_run_s']} s) | "
+            print(f"| preprocess_kill | — | — | 0 rows (rows {r['rows']}/{r['rows_expected']}, identical to the "
+                  f"uninterrupted run: {r['identical_rows']}) | rerun {r['rerun_s']} s (clean run {r['clean_run_s']} s) | "
                   f"{r['rerun_s']} s | rc {r['exit_code']} | — |")
         else:
             print(f"| {r['fault']} | {r['step_at_fault']} | {r['resumed_from']} | {r['steps_lost']} | {r['recover_s']} s | "

@@ -83,6 +83,7 @@ class RunLogger:
         self.failures = 0
         self.retry_s = retry_s
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._sender, name="mlflow-sender", daemon=True)
@@ -106,19 +107,27 @@ class RunLogger:
             self.flush()
 
     def flush(self) -> bool:
-        """Send buffered metrics now; True when nothing is left pending."""
-        with self._lock:
-            try:
-                while self.pending:
-                    self.client.log_batch(self.run_id, metrics=self.pending[:900])
-                    self.pending = self.pending[900:]
-            except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-                self.failures += 1
-                if self.failures == 1 or self.failures % 50 == 0:
-                    warnings.warn(f"MLflow unreachable ({type(e).__name__}: {e}); {len(self.pending)} metrics "
-                                  f"buffered, also in {self.spool}; retrying every {self.retry_s:.0f} s", stacklevel=2)
-                return False
-        return True
+        """Send buffered metrics now; True when nothing is left pending.
+
+        The network call runs outside ``_lock``: a send stuck in the client's retries against a dead
+        server must not block ``log_metrics`` (and with it the training step) for minutes."""
+        with self._send_lock:  # one sender at a time (the thread, close())
+            while True:
+                with self._lock:
+                    batch = self.pending[:900]
+                if not batch:
+                    return True
+                try:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+                    self.failures += 1
+                    if self.failures == 1 or self.failures % 50 == 0:
+                        warnings.warn(f"MLflow unreachable ({type(e).__name__}: {e}); {len(self.pending)} metrics "
+                                      f"buffered, also in {self.spool}; retrying every {self.retry_s:.0f} s",
+                                      stacklevel=2)
+                    return False
+                with self._lock:  # only this method removes, and only from the front
+                    del self.pending[: len(batch)]
 
     def close(self, timeout_s: float = 60.0) -> bool:
         """Stop the sender after trying to deliver everything for up to ``timeout_s``."""

@@ -130,7 +130,7 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path) -> N
     text = TextEncoder(cfg.text)
     for path in checkpoints(cfg):
         model_dir = out / cfg.train.run_name / "checkpoints" / path.name
-        model, step = export_model(cfg, Checkpoint(str(path)), model_dir)
+        model, step = export_model(cfg, Checkpoint(str(path.resolve())), model_dir)
         if step >= run["final_step"]:
             continue  # the final model is scored by the job itself
         gen = ImageGenerator(model, cfg, text=text)

@@ -34,6 +34,7 @@ from selfe.config import load_config  # noqa: E402
 
 def plain(cfg, cache_path: str, steps: int, window: int) -> dict:
     import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers the tensor extension type the cache's columns use)
 
     from selfe.data.cache import read_manifest, read_null_text
     from selfe.objective import TextCond

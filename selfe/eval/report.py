@@ -161,15 +161,8 @@ def plots(data: dict, out_dir: Path, labels: dict) -> list[str]:
         if steps:
             ax.plot(steps, [_score(ev, v, "final", n) for n in steps], marker="o", label=labels[v][0])
     ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("GenEval-lite overall")
-    ax.set_title("Quality vs sampling steps (final models)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "quality_vs_steps.png", dpi=120)
-    plt.close(fig)
-    written.append("quality_vs_steps.png")
+    written.append(_save(plt, fig, ax, "sampling steps", "Quality vs sampling steps (final models)",
+                         out_dir / "quality_vs_steps.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     final_step = {v: r.get("final_step") for v, r in data["runs"].items()}
@@ -181,16 +174,21 @@ def plots(data: dict, out_dir: Path, labels: dict) -> list[str]:
                 xs, ys = [*xs, final_step[v]], [*ys, _score(ev, v, "final", n)]
             if xs:
                 ax.plot(xs, ys, style, marker="o", label=f"{labels[v][0]}, {n} step{'s' * (n > 1)}")
-    ax.set_xlabel("training step")
+    written.append(_save(plt, fig, ax, "training step", "Quality vs training progress",
+                         out_dir / "quality_vs_training.png"))
+    return written
+
+
+def _save(plt, fig, ax, xlabel: str, title: str, path: Path) -> str:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("GenEval-lite overall")
-    ax.set_title("Quality vs training progress")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "quality_vs_training.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append("quality_vs_training.png")
-    return written
+    return path.name
 
 
 def render(data: dict, labels: dict, figure_dir: str) -> str:

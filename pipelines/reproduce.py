@@ -39,6 +39,8 @@ VARIANTS = {
     "no_renorm": ("Self-E without target renorm", ["--objective.renorm_target=false"]),
     "fake_from_start": ("Self-E + fake-score term from step 0", ["--objective.fake_score=true",
                                                                 "--objective.aux_start_step=0"]),
+    # Investigation: tau reaches 1 only at the last step (default: 42% of the run, the paper's ratio).
+    "long_horizon": ("Self-E, tau horizon = whole run", ["--anneal_fraction=1.0"]),
 }
 CHECKPOINT_STEPS = [1, 2, 4, 8]
 FINAL_STEPS = [1, 2, 4, 8, 50]
@@ -171,10 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(out / "study.json")
     study.data["budget"] = args.budget
     study.data["hardware"] = hardware()
-    study.data["command"] = " ".join(["python pipelines/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
-    study.data["config"] = {v: {"steps": c.train.steps, "batch_size": c.train.batch_size,
+    shown, skip = [], False  # the command that regenerates the whole study: without --variants
+    for a in argv if argv is not None else sys.argv[1:]:
+        if not skip and not a.startswith("--variants"):
+            shown.append(a)
+        skip = a == "--variants"
+    study.data["command"] = " ".join(["python pipelines/reproduce.py", *shown])
+    study.data.setdefault("config", {}).update({v: {"steps": c.train.steps, "batch_size": c.train.batch_size,
                                 "params": _params(c), "resolution": c.data.resolution,
-                                "prompts": len(_records(c))} for v, c in configs.items()}
+                                "prompts": len(_records(c))} for v, c in configs.items()})
     t0 = time.time()
     for variant, cfg in configs.items():
         run = train(study, variant, cfg, out)

@@ -67,7 +67,13 @@ def test_ray_job_submit_trains_and_registers(cluster, tmp_path):
         f"--data.cache_root={tmp_path / 'cache'}", f"--train.storage_path={tmp_path / 'ray_results'}",
         f"--out={tmp_path / 'outputs'}",
     ]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    deadline = time.time() + 180
+    while True:  # the head's dashboard agent can come up after `ray start` returns, later on a loaded box
+        sub = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        if sub.returncode == 0 or "No available agent" not in sub.stderr + sub.stdout or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
     deadline, status = time.time() + 420, "PENDING"
     while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(5)

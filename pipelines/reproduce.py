@@ -28,7 +28,7 @@ from selfe.configtools import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = {
-    # 4 runs of 800 steps at batch 32 (~15 min each on 2 cores) + evaluation.
+    # 5 runs of 800 steps at batch 32 (~12-15 min each on 2 cores) + evaluation.
     "cpu": {"config": None, "overrides": ["--train.steps=800", "--train.checkpoint_every=200"]},
     "gpu": {"config": ROOT / "benchmarks" / "configs" / "reproduce-gpu.toml", "overrides": []},
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +31,21 @@ def s3_server() -> Iterator[str]:
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+@contextlib.contextmanager
+def job_sandbox(root: Path) -> Iterator[Path]:
+    """A fresh local Ray (a new instance even when `ray start` left a cluster on this machine), ``root``
+    as the working directory and a private SQLite MLflow store there; all undone on exit."""
+    import mlflow
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)
+            mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+            mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+            yield root
+    finally:
+        ray.shutdown()

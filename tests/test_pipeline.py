@@ -9,12 +9,12 @@ import boto3
 import mlflow
 import numpy as np
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from selfe.config import load_config
 from selfe.train.job import run_training
+from tests.conftest import job_sandbox
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    with job_sandbox(tmp_path_factory.mktemp("job")) as root:
         yield root
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

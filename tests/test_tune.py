@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
@@ -14,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from selfe.config import load_config
 from selfe.configtools import ConfigError
 from selfe.sweep.space import load_space, param_space, search_algorithm
+from tests.conftest import job_sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,19 +120,13 @@ def sweep(tmp_path_factory):
     from selfe.sweep.runner import run_sweep
 
     root = tmp_path_factory.mktemp("tune")
-    # address="local": a new instance even when `ray start` left a cluster on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    with job_sandbox(root):
         sweep_table = (f'name = "asha"\nmetric = "loss"\nmode = "min"\nmax_concurrent = 1\ntime_budget_s = 900\n'
                        f'storage_path = "{root / "sweeps"}"\n[sweep.asha]\ngrace_period = 4\nreduction_factor = 2')
         base = TINY_BASE + f'"data.cache_root" = "{root / "cache"}"\n'
         spec = load_space(write_space(root / "space.toml", sweep_table, '"optim.lr" = { values = [3e-3, 1e-9, 3e-3] }',
                                       base))
         yield spec, run_sweep(spec, out_root=str(root / "outputs")), root
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -132,6 +132,12 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path) -> N
     text = TextEncoder(cfg.text)
     for path in checkpoints(cfg):
         model_dir = out / cfg.train.run_name / "checkpoints" / path.name
+        info = model_dir / "model_info.json"
+        if info.exists():  # exported by an earlier invocation: skip the reload when every score is cached
+            step = json.loads(info.read_text())["step"]
+            if step >= run["final_step"] or all(f"{variant}|ckpt{step}|{n}" in study.data["evals"]
+                                                for n in CHECKPOINT_STEPS):
+                continue
         model, step = export_model(cfg, Checkpoint(str(path.resolve())), model_dir)
         if step >= run["final_step"]:
             continue  # the final model is scored by the job itself

@@ -33,34 +33,18 @@ from selfe.config import load_config  # noqa: E402
 
 
 def plain(cfg, cache_path: str, steps: int, window: int) -> dict:
-    import pyarrow.parquet as pq
-    import ray.data  # noqa: F401  (registers the tensor extension type the cache's columns use)
-
-    from selfe.data.cache import read_manifest, read_null_text
+    from selfe.data.cache import read_null_text
+    from selfe.data.loader import epoch_batches, read_cache_tensors
     from selfe.objective import TextCond
     from selfe.train.local import train_local
-    from selfe.train.step import Batch
 
     torch.set_num_threads(cfg.train.threads_per_worker or torch.get_num_threads())
     t0 = time.perf_counter()
-    files = [f"{cache_path}/{f}" for f in read_manifest(cache_path)["files"]]
-    table = pq.read_table(files, columns=["latent", "text_tokens", "text_mask", "text_pooled"])
-    cols = {c: torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()) for c in table.column_names}
+    rows = read_cache_tensors(cache_path)
     null = read_null_text(cache_path)
-    b, n = cfg.train.batch_size, table.num_rows
-
-    def batches():
-        start = 0
-        while True:
-            if start + b > n:
-                start = 0
-            s = slice(start, start + b)
-            start += b
-            yield Batch(cols["latent"][s].float(), TextCond(cols["text_tokens"][s].float(), cols["text_mask"][s].bool(),
-                                                            cols["text_pooled"][s].float()))
-
     load_s = time.perf_counter() - t0
-    _, _, hist = train_local(cfg, batches(), TextCond(null["tokens"], null["mask"], null["pooled"]), steps)
+    batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed)
+    _, _, hist = train_local(cfg, batches, TextCond(null["tokens"], null["mask"], null["pooled"]), steps)
     wall = time.perf_counter() - t0
     steady = [h["step_s"] for h in hist[-window:]]
     data = sum(h["data_s"] for h in hist[-window:])

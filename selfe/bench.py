@@ -51,7 +51,7 @@ def time_method(cfg, method: str, batch: int, res: int, n_txt: int, steps: int, 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(model, ema, objective, opt, data, null, 10_000, 1e-4, 1.0, cfg.ema, autocast)
+        train_step(model, ema, objective, opt, data, null, 10_000, 1e-4, 1.0, 0.999, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 3:

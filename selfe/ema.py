@@ -19,16 +19,28 @@ class EMAConfig:
     """EMA of the online weights."""
 
     decay: float = 0.9999
-    """Target decay per step [paper]."""
+    """Target decay per step [paper]. Ignored when ``half_life_kimg`` is set."""
+    half_life_kimg: float = 0.0
+    """EMA half-life in thousands of training images (EDM): the decay per step is
+    0.5 ** (batch / half-life), so it does not change meaning with the batch size. 0: use ``decay``. [ours]"""
     warmup: bool = True
-    """Use min(decay, (1 + step) / (10 + step)) so short runs get a useful EMA early. [ours]"""
+    """Ramp the EMA up in short runs: with ``decay``, min(decay, (1 + step) / (10 + step)); with a
+    half-life, at most 5% of the images seen so far (EDM's ramp-up). [ours]"""
 
     def validate(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"ema.decay must be in [0, 1), got {self.decay}")
+        if not self.half_life_kimg >= 0.0:
+            raise ValueError(f"ema.half_life_kimg must be >= 0, got {self.half_life_kimg}")
 
 
-def ema_decay_at(step: int, cfg: EMAConfig) -> float:
+def ema_decay_at(step: int, cfg: EMAConfig, batch_size: int) -> float:
+    """Decay for the EMA update after optimiser step ``step`` (0-based) of global ``batch_size`` images."""
+    if cfg.half_life_kimg > 0:
+        half_life = 1000.0 * cfg.half_life_kimg
+        if cfg.warmup:
+            half_life = min(half_life, 0.05 * (step + 1) * batch_size)
+        return 0.5 ** (batch_size / max(half_life, 1e-8))
     if not cfg.warmup:
         return cfg.decay
     return min(cfg.decay, (1.0 + step) / (10.0 + step))

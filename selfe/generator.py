@@ -21,7 +21,7 @@ from selfe.encoders.image import ImageCodec, build_codec, tensor_to_images
 from selfe.encoders.text import TextEncoder
 from selfe.model import MMDiT, build_model
 from selfe.objective import TextCond
-from selfe.sampling import randn_rows, sample
+from selfe.sampling import randn_rows, resolve_landing, sample
 
 WEIGHTS, CONFIG, INFO = "weights.safetensors", "config.toml", "model_info.json"
 
@@ -60,6 +60,7 @@ class ImageGenerator:
         for name, value in (("steps", steps), ("guidance", guidance), ("eta", eta), ("landing", landing)):
             if value is not None:
                 setattr(sc, name, value)
+        sc.landing = resolve_landing(sc.landing, self.cfg.objective.method)
         sc.validate()
         c = self.codec.channels
         out, nfe = [], 0

@@ -43,6 +43,9 @@ class ModelConfig:
     """RoPE base frequency."""
     time_freq_dim: int = 256
     """Width of the sinusoidal embedding of t and of the gap t - s."""
+    abs_pos_embed: bool = False
+    """Also add a fixed 2-D sin-cos embedding of each patch's (row, column) to the image tokens, as DiT
+    does, on top of RoPE's relative positions. [ours; FLUX: False]"""
 
     def validate(self) -> None:
         if self.width % self.head_dim:
@@ -100,6 +103,18 @@ def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.dev
     ang_r = torch.outer(r, freqs)[:, None, :].expand(rows, cols, quarter)
     ang_c = torch.outer(c, freqs)[None, :, :].expand(rows, cols, quarter)
     return torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter)
+
+
+def sincos_2d(rows: int, cols: int, width: int, device: torch.device) -> torch.Tensor:
+    """DiT's fixed position embedding: half the channels encode the row, half the column -> (rows * cols, width)."""
+    quarter = width // 4
+    freqs = 1.0 / 10_000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    r = torch.arange(rows, device=device, dtype=torch.float32)[:, None] * freqs  # (rows, quarter)
+    c = torch.arange(cols, device=device, dtype=torch.float32)[:, None] * freqs
+    emb_r = torch.cat([r.sin(), r.cos()], dim=-1)[:, None].expand(rows, cols, 2 * quarter)
+    emb_c = torch.cat([c.sin(), c.cos()], dim=-1)[None].expand(rows, cols, 2 * quarter)
+    out = torch.cat([emb_r, emb_c], dim=-1).reshape(rows * cols, 4 * quarter)
+    return F.pad(out, (0, width - 4 * quarter))
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -289,6 +304,8 @@ class MMDiT(nn.Module):
         # Patchify: (B, C, H, W) -> (B, N, C * p * p), row-major over patches.
         img = x.reshape(b, c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * p * p)
         img = self.img_in(img)  # (B, N, D)
+        if self.cfg.abs_pos_embed:
+            img = img + sincos_2d(rows, cols, img.shape[-1], x.device).to(img.dtype)
         txt_h = self.txt_in(txt)  # (B, L, D)
         vec = (
             self.t_embed(timestep_embedding(t, self.cfg.time_freq_dim).to(img.dtype))

@@ -36,6 +36,13 @@ class ObjectiveConfig:
     """Token count at which the time shift mu is 0.5 (1.15 at 4096, linear between, clamped). [ours]"""
     t_max: float = 1.0 - 1e-4
     """Upper clamp on t."""
+    t_logit_mean: float = 0.0
+    """Location m of the logit-normal: t = shift(sigmoid(m + s z)). [paper: 0]"""
+    t_logit_std: float = 1.0
+    """Scale s of the logit-normal. [paper: 1]"""
+    t_uniform_share: float = 0.0
+    """Share of samples whose t is drawn uniformly in (0, 1) instead (then shifted): trains the ends of
+    the trajectory, which the logit-normal leaves almost empty at 32x32. [ours; paper: 0]"""
     fake_score: bool = False
     """Enable the late fake-score term (needs fake-prompt embeddings in the batch)."""
     aux_start_step: int = 550_000
@@ -50,12 +57,14 @@ class ObjectiveConfig:
     def validate(self) -> None:
         if self.method not in ("self_e", "flow_matching"):
             raise ValueError(f"objective.method must be 'self_e' or 'flow_matching', got {self.method!r}")
-        for name in ("text_drop_prob", "p_s_equals_t", "tau_max", "fake_mix_k"):
+        for name in ("text_drop_prob", "p_s_equals_t", "tau_max", "fake_mix_k", "t_uniform_share"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"objective.{name} must be in [0, 1], got {v}")
         if not 0.0 < self.t_max <= 1.0:
             raise ValueError(f"objective.t_max must be in (0, 1], got {self.t_max}")
+        if not self.t_logit_std > 0:
+            raise ValueError(f"objective.t_logit_std must be > 0, got {self.t_logit_std}")
         if self.anneal_steps < 0 or self.aux_start_step < 0:
             raise ValueError("objective.anneal_steps and objective.aux_start_step must be >= 0")
 
@@ -125,9 +134,16 @@ def tau_at(step: int, cfg: ObjectiveConfig) -> float:
 def sample_times(
     b: int, num_tokens: int, step: int, cfg: ObjectiveConfig, device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """t = shift(sigmoid(z)); s = t w.p. p_s_equals_t, else s ~ U((1 - tau) t, t). Returns (t, s), (B,) each."""
+    """t = shift(u) with u = sigmoid(m + s z), or u ~ U(0, 1) for a ``t_uniform_share`` of samples;
+    s = t w.p. p_s_equals_t, else s ~ U((1 - tau) t, t). Returns (t, s), (B,) each."""
     z = torch.randn(b, device=device, generator=generator)
-    t = shift_time(torch.sigmoid(z), time_shift_mu(num_tokens, cfg.shift_base_len)).clamp(max=cfg.t_max)
+    u = torch.sigmoid(cfg.t_logit_mean + cfg.t_logit_std * z)
+    if cfg.t_uniform_share > 0:
+        uniform = torch.rand(b, device=device, generator=generator)
+        pick = torch.rand(b, device=device, generator=generator) < cfg.t_uniform_share
+        u = torch.where(pick, uniform, u)
+    # The lower clamp keeps the loss's 1/t finite if a uniform draw is exactly 0.
+    t = shift_time(u, time_shift_mu(num_tokens, cfg.shift_base_len)).clamp(min=1e-4, max=cfg.t_max)
     if cfg.method == "flow_matching":
         return t, t.clone()
     tau = tau_at(step, cfg)

@@ -10,6 +10,7 @@ import torch
 from selfe.objective import Network, TextCond, shift_time, time_shift_mu
 
 LANDING_POLICIES = ("next", "current", "midpoint")
+AUTO = "auto"
 
 
 @dataclass
@@ -22,16 +23,17 @@ class SamplerConfig:
     """CFG scale omega; 1 disables guidance (one NFE per step)."""
     eta: float = 1.0
     """DDIM eta: 0 deterministic Euler, 1 the paper's stochastic default."""
-    landing: str = "next"
-    """Landing time s: "next" (t_{k+1}), "current" (t_k: flow matching) or "midpoint"."""
+    landing: str = AUTO
+    """Landing time s: "next" (t_{k+1}), "current" (t_k: flow matching), "midpoint", or "auto": follow
+    the training method (``resolve_landing``), so a flow-matching model is never fed gaps it never saw."""
     shift_base_len: int = 256
     """Same time-shift base length as training."""
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"sampler.steps must be in 1..1000, got {self.steps}")
-        if self.landing not in LANDING_POLICIES:
-            raise ValueError(f"sampler.landing must be one of {LANDING_POLICIES}, got {self.landing!r}")
+        if self.landing not in (*LANDING_POLICIES, AUTO):
+            raise ValueError(f"sampler.landing must be one of {(*LANDING_POLICIES, AUTO)}, got {self.landing!r}")
         if self.eta < 0 or self.guidance < 0:
             raise ValueError("sampler.eta and sampler.guidance must be >= 0")
 
@@ -42,6 +44,14 @@ def time_grid(steps: int, num_tokens: int, base_len: int = 256, device=None) -> 
     return shift_time(u, time_shift_mu(num_tokens, base_len))
 
 
+def resolve_landing(landing: str, method: str) -> str:
+    """The policy "auto" stands for: "current" (s = t) for a flow-matching network, which has only
+    seen s = t, and "next" [paper] for a Self-E network. Explicit policies pass through."""
+    if landing != AUTO:
+        return landing
+    return "current" if method == "flow_matching" else "next"
+
+
 def landing_time(t: float, t_next: float, policy: str) -> float:
     if policy == "next":
         return t_next
@@ -49,6 +59,8 @@ def landing_time(t: float, t_next: float, policy: str) -> float:
         return t
     if policy == "midpoint":
         return 0.5 * (t + t_next)
+    if policy == AUTO:
+        raise ValueError('landing "auto" must be resolved for the model first: resolve_landing(landing, method)')
     raise ValueError(f"unknown landing policy {policy!r}; use one of {LANDING_POLICIES}")
 
 

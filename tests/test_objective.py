@@ -157,6 +157,20 @@ def test_time_sampling_follows_schedule():
     assert shift_time(torch.tensor([0.0, 1.0]), 0.8).tolist() == [0.0, 1.0]
 
 
+def test_uniform_share_fills_the_ends_of_the_trajectory():
+    """With mu = 0.5, t < 0.1 needs u < 1 / (1 + 9 e^0.5) = 0.063: the logit-normal puts ~0.35% there,
+    a uniform draw 6.3%. A share p of uniform draws gives the mixture."""
+    g = torch.Generator().manual_seed(0)
+    low = lambda share: (sample_times(200_000, 64, 0, ObjectiveConfig(t_uniform_share=share), "cpu", g)[0] < 0.1)  # noqa: E731
+    assert low(0.0).float().mean() < 0.006
+    assert low(1.0).float().mean() == pytest.approx(0.063, abs=0.003)
+    assert low(0.5).float().mean() == pytest.approx(0.5 * 0.063 + 0.5 * 0.0035, abs=0.003)
+    # a location/scale change moves the logit-normal: m = -1 puts far more mass at low t
+    assert (sample_times(50_000, 64, 0, ObjectiveConfig(t_logit_mean=-1.0), "cpu", g)[0] < 0.1).float().mean() > 0.02
+    with pytest.raises(ValueError, match="t_uniform_share"):
+        ObjectiveConfig(t_uniform_share=1.5).validate()
+
+
 def test_lambda():
     t = torch.tensor([0.5, 0.5, 0.9])
     s = torch.tensor([0.5, 0.0, 0.5])

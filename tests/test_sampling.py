@@ -88,3 +88,49 @@ def test_time_grid_and_validation():
         SamplerConfig(landing="halfway").validate()
     with pytest.raises(ValueError, match="steps"):
         SamplerConfig(steps=0).validate()
+
+
+class RecordsLanding(torch.nn.Module):
+    """A network that outputs 0 and records the (t, s) pairs it was called with."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.calls = cfg, []
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, s, *rest):
+        self.calls.append((t.clone(), s.clone()))
+        return torch.zeros_like(x) * self.w
+
+
+@pytest.mark.parametrize("method, expected", [("flow_matching", "current"), ("self_e", "next")])
+def test_default_landing_follows_the_training_method(method, expected):
+    from selfe.config import load_config
+    from selfe.generator import ImageGenerator
+
+    cfg = load_config(overrides=[f"--objective.method={method}"])
+    assert cfg.sampler.landing == "auto"
+    net = RecordsLanding(cfg.model)
+    gen = ImageGenerator(net, cfg)
+    gen.generate(["a photo of a red circle"], steps=4, guidance=1.0)
+    grid = time_grid(4, 64, cfg.sampler.shift_base_len)
+    assert len(net.calls) == 4
+    for k, (t, s) in enumerate(net.calls):
+        want = grid[k] if expected == "current" else grid[k + 1]
+        assert torch.allclose(t, grid[k].expand_as(t)) and torch.allclose(s, want.expand_as(s))
+    # An explicit policy still wins over the method's default.
+    net.calls.clear()
+    gen.generate(["a photo of a red circle"], steps=2, guidance=1.0, landing="midpoint")
+    grid2 = time_grid(2, 64, cfg.sampler.shift_base_len)
+    _, s = net.calls[0]
+    assert torch.allclose(s, ((grid2[0] + grid2[1]) / 2).expand_as(s))
+
+
+def test_auto_landing_must_be_resolved_before_sampling():
+    from selfe.sampling import resolve_landing
+
+    assert resolve_landing("auto", "flow_matching") == "current"
+    assert resolve_landing("midpoint", "flow_matching") == "midpoint"
+    cond, null = _conds(1)
+    with pytest.raises(ValueError, match="resolve_landing"):
+        sample(PointMass(torch.zeros(1, 3, 4, 4)), torch.randn(1, 3, 4, 4), cond, null, SamplerConfig(guidance=1.0))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from selfe.config import Config
-from selfe.ema import make_ema
+from selfe.ema import ema_decay_at, make_ema
 from selfe.model import build_model
 from selfe.objective import SelfEObjective, TextCond
 from selfe.train.step import Batch, build_optimizer, lr_at, train_step
@@ -26,8 +26,12 @@ def train_local(
     steps: int | None = None,
     device: str = "cpu",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[nn.Module, nn.Module, list[dict[str, float]]]:
-    """Train ``cfg.model`` for ``steps`` (default cfg.train.steps) and return (model, ema, per-step stats)."""
+    """Train ``cfg.model`` for ``steps`` (default cfg.train.steps) and return (model, ema, per-step stats).
+
+    ``stop`` is asked after every step; True ends training early (a time budget). The schedules
+    (learning rate, tau) still run over ``steps``."""
     torch.manual_seed(cfg.train.seed)
     total = steps or cfg.train.steps
     model = build_model(cfg.model, device)
@@ -45,10 +49,12 @@ def train_local(
         lr = lr_at(step, o.lr, o.lr_end, o.warmup_steps, total)
         stats = train_step(
             model, ema, objective, optimizer, batch, null_cond, step, lr,
-            o.grad_clip, cfg.ema, generator=generator,
+            o.grad_clip, ema_decay_at(step, cfg.ema, cfg.train.batch_size), generator=generator,
         )
         stats.update(step=step, data_s=t1 - t0, step_s=time.perf_counter() - t0)
         history.append(stats)
         if on_step is not None:
             on_step(step, stats)
+        if stop is not None and stop():
+            break
     return model, ema, history

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from selfe.ema import EMAConfig, ema_decay_at, update_ema
+from selfe.ema import update_ema
 from selfe.objective import SelfEObjective, TextCond
 
 
@@ -59,11 +59,12 @@ def train_step(
     step: int,
     lr: float,
     grad_clip: float,
-    ema_cfg: EMAConfig,
+    ema_decay: float,
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """Loss, backward, clip, Adam update, EMA update. Returns the loss breakdown plus grad_norm and lr."""
+    """Loss, backward, clip, Adam update, EMA update with ``ema_decay`` (``selfe.ema.ema_decay_at``).
+    Returns the loss breakdown plus grad_norm and lr."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device_type = batch.x0.device.type
@@ -73,5 +74,5 @@ def train_step(
     out.loss.backward()
     grad_norm = clip_grad_norm(model, grad_clip)
     optimizer.step()
-    update_ema(ema, model, ema_decay_at(step, ema_cfg))
+    update_ema(ema, model, ema_decay)
     return {**out.stats, "grad_norm": grad_norm, "lr": lr}

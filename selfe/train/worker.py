@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from selfe.config import Config
+from selfe.data.loader import batch_from_rows, shard_batches
 from selfe.configtools import apply_dict
-from selfe.ema import make_ema
+from selfe.ema import ema_decay_at, make_ema
 from selfe.objective import SelfEObjective, TextCond
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
-from selfe.sampling import SamplerConfig, sample
+from selfe.sampling import SamplerConfig, resolve_landing, sample
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train.step import Batch, build_optimizer, lr_at, train_step
@@ -40,17 +41,6 @@ def config_from_dict(data: dict) -> Config:
 
 def _cond(d: dict, device: torch.device, prefix: str = "") -> TextCond:
     return TextCond(*(d[f"{prefix}{k}"].to(device) for k in ("tokens", "mask", "pooled")))
-
-
-def _to_batch(raw: dict, device: torch.device) -> Batch:
-    """Cache columns -> fp32 tensors on device."""
-    cond = TextCond(raw["text_tokens"].to(device, torch.float32), raw["text_mask"].to(device, torch.bool),
-                    raw["text_pooled"].to(device, torch.float32))
-    fake = None
-    if "fake_tokens" in raw:
-        fake = TextCond(raw["fake_tokens"].to(device, torch.float32), raw["fake_mask"].to(device, torch.bool),
-                        raw["fake_pooled"].to(device, torch.float32))
-    return Batch(raw["latent"].to(device, torch.float32), cond, fake)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -123,16 +113,19 @@ class WorkerLoop:
         self.model.train()
         while self.step < cfg.train.steps:
             seen, t_wait = 0, time.perf_counter()
-            for raw in shard.iter_torch_batches(batch_size=self.per_worker, drop_last=True):
+            batches = shard_batches(shard, self.per_worker, cfg.train.seed, self.epoch, self.rank,
+                                    cfg.data.shuffle_buffer_rows)
+            for raw in batches:
                 seen += 1
                 if seen <= self.batch_in_epoch:  # resuming mid-epoch: skip what the checkpoint trained on
                     t_wait = time.perf_counter()
                     continue
-                batch = _to_batch(raw, self.device)
+                batch = batch_from_rows(raw, self.device)
                 t_compute = time.perf_counter()
                 lr = lr_at(self.step, o.lr, o.lr_end, o.warmup_steps, cfg.train.steps)
                 stats = train_step(self.model, self.ema, self.objective, self.optimizer, batch, self.null, self.step,
-                                   lr, o.grad_clip, cfg.ema, self.autocast, self.generator)
+                                   lr, o.grad_clip, ema_decay_at(self.step, cfg.ema, cfg.train.batch_size),
+                                   self.autocast, self.generator)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.window["images"] += self.per_worker * self.world
@@ -221,7 +214,8 @@ class WorkerLoop:
         size = prompts["latent_size"]
         g = torch.Generator(self.device).manual_seed(cfg.eval.seed)
         noise = torch.randn((cond.tokens.shape[0], cfg.model.in_channels, size, size), generator=g, device=self.device)
-        sc = SamplerConfig(**{**vars(cfg.sampler), "steps": steps})
+        sc = SamplerConfig(**{**vars(cfg.sampler), "steps": steps,
+                              "landing": resolve_landing(cfg.sampler.landing, cfg.objective.method)})
         x, _ = sample(self.ema, noise, cond, self.null, sc, cfg.model.patch_size, generator=g)
         return x.float().cpu().numpy()
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from selfe.encoders.text import TextEncoder
     from selfe.model import build_model
     from selfe.objective import TextCond
-    from selfe.sampling import sample
+    from selfe.sampling import resolve_landing, sample
 
     device = torch.device(args.device)
     model = build_model(cfg.model, device).eval()  # bf16 runs under autocast, as the generator's caller would
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         null = TextCond(*(x[:1].to(device) for x in fields))
         for steps in [int(s) for s in args.steps.split(",")]:
             for omega in (cfg.sampler.guidance, 1.0):
-                sc = replace(cfg.sampler, steps=steps, guidance=omega)
+                sc = replace(cfg.sampler, steps=steps, guidance=omega,
+                             landing=resolve_landing(cfg.sampler.landing, cfg.objective.method))
                 times, nfe = [], 0
                 for i in range(args.repeats + 1):
                     g = torch.Generator(device).manual_seed(i)

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50])
     ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--landing", choices=["next", "current", "midpoint"], default=None)
+    ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint"], default=None,
+                    help="landing time policy; default: the model's config (auto: follows the training method)")
     ap.add_argument("--eta", type=float, default=None)
     ap.add_argument("--prompt-set", default="v1")
     ap.add_argument("--max-per-task", type=int, default=0, help="first N prompts per task and split (0: all)")

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's sampler config)")
     ap.add_argument("--eta", type=float, default=None)
-    ap.add_argument("--landing", choices=["next", "current", "midpoint"], default=None)
+    ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint"], default=None,
+                    help="landing time policy; default: the model's config (auto: follows the training method)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num", type=int, default=1, help="images per prompt")
     ap.add_argument("--scale", type=int, default=4, help="upscale factor of the saved PNG (nearest)")

@@ -41,10 +41,10 @@ def test_gaussian_one_step_returns_the_mean_and_many_steps_the_distribution():
     gauss = Gaussian(mu=0.7, sigma=0.4)
     cond, null = _conds(4000)
     noise = torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(2))
-    one, _ = sample(gauss, noise, cond, null, SamplerConfig(steps=1, guidance=1.0, eta=0.0))
+    one, _ = sample(gauss, noise, cond, null, SamplerConfig(steps=1, guidance=1.0, eta=0.0, landing="next"))
     assert torch.allclose(one, torch.full_like(one, 0.7), atol=1e-5)  # E[x0 | x_1] = mu
     for eta in (0.0, 1.0):
-        many, nfe = sample(gauss, noise, cond, null, SamplerConfig(steps=200, guidance=1.0, eta=eta),
+        many, nfe = sample(gauss, noise, cond, null, SamplerConfig(steps=200, guidance=1.0, eta=eta, landing="next"),
                            generator=torch.Generator().manual_seed(3))
         assert nfe == 200
         assert many.mean().item() == pytest.approx(0.7, abs=0.02)
@@ -75,7 +75,7 @@ def test_energy_preserving_cfg_keeps_conditional_energy_and_batches_branches():
 def test_nfe_counts(steps, guidance, expected):
     counted = Counting(PointMass(torch.zeros(1, 3, 4, 4)))
     cond, null = _conds(2)
-    _, nfe = sample(counted, torch.randn(2, 3, 4, 4), cond, null, SamplerConfig(steps=steps, guidance=guidance))
+    _, nfe = sample(counted, torch.randn(2, 3, 4, 4), cond, null, SamplerConfig(steps=steps, guidance=guidance, landing="next"))
     assert nfe == expected
     assert counted.rows == expected * 2  # batch of 2 images
 

@@ -7,7 +7,7 @@ import torch
 
 from selfe.config import load_config
 from selfe.objective import TextCond
-from selfe.sampling import SamplerConfig, sample
+from selfe.sampling import SamplerConfig, resolve_landing, sample
 from selfe.train.local import train_local
 from selfe.train.step import Batch
 
@@ -40,7 +40,8 @@ def test_reference_loop_learns_class_colours(method):
     # two-step samples of the EMA model are the right colour for each class
     test = next(_batches(batch=12, seed=1))
     out, _ = sample(ema, torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(2)), test.cond, null,
-                    SamplerConfig(steps=2, guidance=2.0), cfg.model.patch_size)
+                    SamplerConfig(steps=2, guidance=2.0, landing=resolve_landing("auto", method)),
+                    cfg.model.patch_size)
     predicted = out.mean(dim=(2, 3)).argmax(dim=1)
     expected = test.x0.mean(dim=(2, 3)).argmax(dim=1)
     assert (predicted == expected).float().mean() >= 0.9

@@ -1,0 +1,75 @@
+"""Training steps after a DCP checkpoint: does saving the optimizer state slow the steps that follow?
+
+    python benchmarks/checkpoint_slowdown.py optim      # save only the optimizer state dict
+    python benchmarks/checkpoint_slowdown.py model      # save only the model state dict
+    python benchmarks/checkpoint_slowdown.py none       # no save (the control)
+
+One process, one-rank FSDP2 on gloo (no Ray), the tiny preset on the default shapes cache (built by
+``python pipelines/train.py`` or ``pipelines/preprocess.py`` first). Prints images/s over two windows
+of 50 steps before and after the save. Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+from selfe.config import load_config
+from selfe.data.cache import cache_dir, read_null_text
+from selfe.data.loader import epoch_batches, read_cache_tensors
+from selfe.ema import ema_decay_at, make_ema
+from selfe.objective import SelfEObjective, TextCond
+from selfe.train.parallel import build_sharded_model
+from selfe.train.step import build_optimizer, train_step
+
+
+def main(what: str) -> int:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.set_num_threads(2)
+    cfg = load_config()
+    t, b = cfg.train, cfg.train.batch_size
+    model = build_sharded_model(cfg.model, torch.device("cpu"), t.seed, t.fsdp, None, False)
+    ema = make_ema(model, build_sharded_model(cfg.model, torch.device("cpu"), t.seed, t.fsdp, None))
+    opt = build_optimizer(model, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay)
+    objective = SelfEObjective(cfg.objective)
+    cache = cache_dir(cfg)
+    null = read_null_text(cache)
+    null_cond = TextCond(null["tokens"], null["mask"], null["pooled"])
+    batches = epoch_batches(read_cache_tensors(cache), b, t.seed)
+    g = torch.Generator().manual_seed(0)
+    step = 0
+
+    def images_per_s(n: int) -> float:
+        nonlocal step
+        t0 = time.perf_counter()
+        for _ in range(n):
+            train_step(model, ema, objective, opt, next(batches), null_cond, step, cfg.optim.lr, 1.0,
+                       ema_decay_at(step, cfg.ema, b), None, g)
+            step += 1
+        return b * n / (time.perf_counter() - t0)
+
+    images_per_s(20)  # warm-up
+    before = [images_per_s(50) for _ in range(2)]
+    states = {"model": lambda: get_model_state_dict(model), "optim": lambda: get_optimizer_state_dict(model, opt)}
+    if what != "none":
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp.save({what: states[what]()}, checkpoint_id=tmp)
+    after = [images_per_s(50) for _ in range(2)]
+    print(f"save {what}: img/s before {before[0]:.1f}, {before[1]:.1f}; after {after[0]:.1f}, {after[1]:.1f}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim"):
+        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim")
+    sys.exit(main(sys.argv[1]))

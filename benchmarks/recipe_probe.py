@@ -2,13 +2,15 @@
 
     python benchmarks/recipe_probe.py --name fm_p2 --minutes 5 --objective.method=flow_matching --model.patch_size=2
     python benchmarks/recipe_probe.py --name se --minutes 5 --eval-steps 1 2 8 50
+    python benchmarks/recipe_probe.py --name fm_p2_w --load outputs/probes/fm_p2 --guidance 2 5 --eta 0 1
 
 Any ``--section.field=value`` override goes to the config (tiny preset). Training runs
 ``selfe.train.local.train_local`` in this process over the cache held in memory (shuffled each epoch),
 so a probe measures the recipe and nothing of Ray. The EMA model is scored with GenEval-lite on
 ``--max-per-task`` prompts per (task, split) (20: the 180-prompt set) at ``--eval-steps``, with the
 sampler defaults of the config, and a sample grid (rows = step counts) is written next to a JSON record
-under ``--out``. Run probes one at a time: on 2 cores a probe beside another job measures nothing.
+under ``--out``; the EMA model is saved as ``--out/NAME`` so that ``--load`` can score it again under
+other sampler settings without training. Run probes one at a time: on 2 cores a probe beside another job measures nothing.
 """
 
 from __future__ import annotations

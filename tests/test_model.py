@@ -1,5 +1,7 @@
 """MM-DiT: shapes, gradients, determinism, the two-time embedding and the paper's sizes."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -117,3 +119,24 @@ def test_flops_scale_with_width():
     small = flops_per_token(ModelConfig(width=128, head_dim=32), 64, 32)
     big = flops_per_token(ModelConfig(width=256, head_dim=32), 64, 32)
     assert 3.0 < big / small < 4.1
+
+
+def test_absolute_positions_tell_every_patch_apart_and_change_the_output():
+    from selfe.model import sincos_2d
+
+    emb = sincos_2d(8, 8, 130, torch.device("cpu"))
+    assert emb.shape == (64, 130) and torch.all(emb[:, 128:] == 0)  # padded to the width
+    dist = torch.cdist(emb, emb) + torch.eye(64) * 1e9
+    assert dist.min() > 0.05  # no two (row, column) cells share an embedding
+    # The same weights with the option on see different inputs: the output changes.
+    cfg = ModelConfig(width=64, head_dim=16, double_blocks=1, single_blocks=1, patch_size=4, text_width=8,
+                      pooled_width=8)
+    plain = build_model(cfg)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.05)
+    with_pos = build_model(replace(cfg, abs_pos_embed=True))
+    with_pos.load_state_dict(plain.state_dict())
+    args = (torch.randn(2, 3, 32, 32), torch.full((2,), 0.5), torch.full((2,), 0.5), torch.randn(2, 3, 8),
+            torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))
+    assert not torch.allclose(plain(*args), with_pos(*args), atol=1e-4)

@@ -1,9 +1,9 @@
-"""The cache's rows as training batches, and the per-epoch shuffle order both training loops share.
+"""The cache's rows as training batches, reshuffled every epoch with a seed from (run seed, epoch, rank).
 
-The Ray Train worker and the plain loop draw the same order: epoch ``e`` of a run with seed ``r``
-visits the rows in ``epoch_permutation(n, r, e)``. The order depends on nothing else, so a run
-resumed at (epoch, batch_in_epoch) continues with exactly the batches the uninterrupted run would
-have trained on.
+The plain loop permutes rows held in memory (``epoch_batches``); the Ray Train worker shuffles its
+streamed shard through a seeded buffer (``shard_batches``). Both orders depend only on ``epoch_seed``,
+so a run resumed at (epoch, batch_in_epoch) continues with exactly the batches the uninterrupted
+run would have trained on.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ FAKE_COLUMNS = ("fake_tokens", "fake_mask", "fake_pooled")
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of ``range(n)`` that depends only on (run seed, epoch): (n,) int64."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + 12345)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
 def batch_from_rows(rows: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Batch:

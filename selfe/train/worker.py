@@ -19,15 +19,15 @@ import torch
 import torch.distributed as dist
 
 from selfe.config import Config
-from selfe.data.loader import batch_from_rows, shard_batches
 from selfe.configtools import apply_dict
+from selfe.data.loader import batch_from_rows, shard_batches
 from selfe.ema import ema_decay_at, make_ema
 from selfe.objective import SelfEObjective, TextCond
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.sampling import SamplerConfig, resolve_landing, sample
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
-from selfe.train.step import Batch, build_optimizer, lr_at, train_step
+from selfe.train.step import build_optimizer, lr_at, train_step
 
 STRING_COLUMNS = ("caption", "spec")
 FEWSTEP_METRIC = "geneval_fewstep"

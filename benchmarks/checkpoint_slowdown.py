@@ -3,6 +3,10 @@
     python benchmarks/checkpoint_slowdown.py optim      # save only the optimizer state dict
     python benchmarks/checkpoint_slowdown.py model      # save only the model state dict
     python benchmarks/checkpoint_slowdown.py none       # no save (the control)
+    python benchmarks/checkpoint_slowdown.py optim_torch  # the optimizer state dict through torch.save
+
+After each window it lists the threads of this process that used CPU during it (from /proc), so a
+thread left busy by the save shows up by name.
 
 One process, one-rank FSDP2 on gloo (no Ray), the tiny preset on the default shapes cache (built by
 ``python pipelines/train.py`` or ``pipelines/preprocess.py`` first). Prints images/s over two windows
@@ -28,6 +32,27 @@ from selfe.ema import ema_decay_at, make_ema
 from selfe.objective import SelfEObjective, TextCond
 from selfe.train.parallel import build_sharded_model
 from selfe.train.step import build_optimizer, train_step
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) per thread of this process, keyed "tid:name" (Linux /proc)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = open(f"/proc/self/task/{tid}/stat").read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def busy_threads(before: dict[str, float], after: dict[str, float]) -> str:
+    """Threads that used >= 0.05 CPU s between two censuses, busiest first."""
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return ", ".join(f"{k} {v:.2f}s" for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05)
 
 
 def main(what: str) -> int:
@@ -57,19 +82,29 @@ def main(what: str) -> int:
             step += 1
         return b * n / (time.perf_counter() - t0)
 
+    def window() -> float:
+        census = thread_cpu()
+        rate = images_per_s(50)
+        print(f"  {rate:.1f} img/s; threads busy: {busy_threads(census, thread_cpu())}", flush=True)
+        return rate
+
     images_per_s(20)  # warm-up
-    before = [images_per_s(50) for _ in range(2)]
+    before = [window() for _ in range(2)]
     states = {"model": lambda: get_model_state_dict(model), "optim": lambda: get_optimizer_state_dict(model, opt)}
-    if what != "none":
-        with tempfile.TemporaryDirectory() as tmp:
+    census = thread_cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        if what == "optim_torch":
+            torch.save(states["optim"](), os.path.join(tmp, "optim.pt"))
+        elif what != "none":
             dcp.save({what: states[what]()}, checkpoint_id=tmp)
-    after = [images_per_s(50) for _ in range(2)]
+    print(f"  the save: threads busy: {busy_threads(census, thread_cpu())}", flush=True)
+    after = [window() for _ in range(2)]
     print(f"save {what}: img/s before {before[0]:.1f}, {before[1]:.1f}; after {after[0]:.1f}, {after[1]:.1f}")
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim"):
-        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim")
+    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim", "optim_torch"):
+        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch")
     sys.exit(main(sys.argv[1]))

@@ -27,8 +27,9 @@ import torch
 from selfe.config import load_config
 
 
-def train(cfg, minutes: float, save_dir: Path) -> tuple[torch.nn.Module, dict]:
-    """Plain-loop training on the in-memory cache for ``minutes``; saves the EMA model to ``save_dir``."""
+def train(cfg, minutes: float, save_dir: Path, snapshot_min: float = 0.0) -> tuple[torch.nn.Module, dict]:
+    """Plain-loop training on the in-memory cache for ``minutes``; saves the EMA model to ``save_dir``,
+    and every ``snapshot_min`` minutes of training to ``save_dir`` + ``_<minutes>m``."""
     import ray
 
     from selfe.data.cache import build_cache, read_null_text
@@ -51,8 +52,18 @@ def train(cfg, minutes: float, save_dir: Path) -> tuple[torch.nn.Module, dict]:
             print(f"step {step} loss {stats['loss']:.4f} lr {stats['lr']:.2e} {stats['step_s']:.3f}s", flush=True)
 
     t0 = time.perf_counter()
+    next_snapshot = [snapshot_min]
+
+    def on_ema(step: int, ema: torch.nn.Module) -> None:
+        minutes_in = (time.perf_counter() - t0) / 60
+        if snapshot_min and minutes_in >= next_snapshot[0]:
+            path = save_dir.with_name(f"{save_dir.name}_{next_snapshot[0]:g}m")
+            save_model_dir(path, ema, cfg, {"step": step + 1, "minutes": minutes_in})
+            print(f"snapshot {path} at step {step + 1}", flush=True)
+            next_snapshot[0] += snapshot_min
+
     _, ema, hist = train_local(cfg, epoch_batches(rows, cfg.train.batch_size, cfg.train.seed),
-                               TextCond(null["tokens"], null["mask"], null["pooled"]), on_step=on_step,
+                               TextCond(null["tokens"], null["mask"], null["pooled"]), on_step=on_step, on_ema=on_ema,
                                stop=lambda: time.perf_counter() > deadline)
     train_s = time.perf_counter() - t0
     steps = len(hist)
@@ -73,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="score at each of these CFG scales (default: the config's sampler.guidance)")
     ap.add_argument("--eta", type=float, nargs="+", default=None,
                     help="score at each of these DDIM etas (default: the config's sampler.eta)")
+    ap.add_argument("--snapshot-min", type=float, default=0.0,
+                    help="also save the EMA model every this many minutes of training (score later with --load)")
     ap.add_argument("--load", default=None, help="score a saved probe model folder instead of training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="outputs/probes")
@@ -89,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # train.steps only sets the schedules' length (lr decay, tau horizon); the probe stops at the budget.
         cfg = load_config(overrides=overrides)
-        ema, record = train(cfg, args.minutes, out / args.name)
+        ema, record = train(cfg, args.minutes, out / args.name, args.snapshot_min)
         gen = ImageGenerator(ema, cfg)
     records = select_prompts(cfg.eval.prompt_set, max_per_task=args.max_per_task)
     n = len(records)

@@ -15,18 +15,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selfe.cli import OneLineParser, finite_float, int_in, fail, load_model_or_fail, missing_sqlite_store, model_ref  # noqa: E402
+from selfe.sampling import MAX_STEPS  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 50])
-    ap.add_argument("--guidance", type=float, default=None)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=model_ref)
+    ap.add_argument("--steps", type=int_in(1, MAX_STEPS), nargs="+", default=[1, 2, 4, 8, 50])
+    ap.add_argument("--guidance", type=finite_float, default=None)
     ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint"], default=None,
                     help="landing time policy; default: the model's config (auto: follows the training method)")
-    ap.add_argument("--eta", type=float, default=None)
+    ap.add_argument("--eta", type=finite_float, default=None)
     ap.add_argument("--prompt-set", default="v1")
-    ap.add_argument("--max-per-task", type=int, default=0, help="first N prompts per task and split (0: all)")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--max-per-task", type=int_in(0), default=0, help="first N prompts per task and split (0: all)")
+    ap.add_argument("--seed", type=int_in(0), default=1234)
     ap.add_argument("--out", default="outputs/eval")
     ap.add_argument("--log-to-mlflow", action="store_true", help="log the table and metrics to a new MLflow run")
     ap.add_argument("--tracking-uri", default=None)
@@ -35,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
-    from selfe.registry import load_model_ref
     from selfe.tracking import resolve_tracking_uri
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    mlflow.set_tracking_uri(resolve_tracking_uri())
-    gen = load_model_ref(args.model)
+    uri = resolve_tracking_uri()
+    if not Path(args.model).is_dir() and (problem := missing_sqlite_store(uri)):
+        return fail(problem)
+    mlflow.set_tracking_uri(uri)
+    gen = load_model_or_fail(args.model)
+    if gen is None:
+        return 2
     records = select_prompts(args.prompt_set, args.max_per_task)
     results = evaluate_steps(gen, records, args.steps, guidance=args.guidance, seed=args.seed, out_dir=args.out,
                              landing=args.landing, eta=args.eta)

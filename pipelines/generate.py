@@ -14,32 +14,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from selfe.cli import OneLineParser, finite_float, int_in, fail, load_model_or_fail, missing_sqlite_store, model_ref, utf8_text  # noqa: E402
+from selfe.sampling import MAX_STEPS  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="models:/name@alias, models:/name/version, runs:/id/model or a folder")
-    ap.add_argument("--prompt", action="append", required=True, help="repeat for several images")
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's sampler config)")
-    ap.add_argument("--eta", type=float, default=None)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=model_ref, help="models:/name@alias, models:/name/version, runs:/id/model or a folder")
+    ap.add_argument("--prompt", action="append", required=True, type=utf8_text, help="repeat for several images")
+    ap.add_argument("--steps", type=int_in(1, MAX_STEPS), default=2)
+    ap.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the model's sampler config)")
+    ap.add_argument("--eta", type=finite_float, default=None)
     ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint"], default=None,
                     help="landing time policy; default: the model's config (auto: follows the training method)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num", type=int, default=1, help="images per prompt")
-    ap.add_argument("--scale", type=int, default=4, help="upscale factor of the saved PNG (nearest)")
+    ap.add_argument("--seed", type=int_in(0), default=0)
+    ap.add_argument("--num", type=int_in(1, 1024), default=1, help="images per prompt")
+    ap.add_argument("--scale", type=int_in(1, 64), default=4, help="upscale factor of the saved PNG (nearest)")
     ap.add_argument("--out", default="out.png", help="PNG path; several images are saved as one row")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = ap.parse_args(argv)
 
     import mlflow
 
-    from selfe.registry import load_model_ref
     from selfe.tracking import grid_image, png_bytes, resolve_tracking_uri
 
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    mlflow.set_tracking_uri(resolve_tracking_uri())
-    gen = load_model_ref(args.model)
+    uri = resolve_tracking_uri()
+    if not Path(args.model).is_dir() and (problem := missing_sqlite_store(uri)):
+        return fail(problem)
+    mlflow.set_tracking_uri(uri)
+    gen = load_model_or_fail(args.model)
+    if gen is None:
+        return 2
     prompts = [p for p in args.prompt for _ in range(args.num)]
     images, nfe = gen.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, eta=args.eta,
                                landing=args.landing)

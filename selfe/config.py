@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfe.configtools import ConfigError, apply_dict, apply_override, parse_overrides, to_toml
+from selfe.configtools import (
+    ConfigError, apply_dict, apply_override, check_name, check_range, parse_overrides, to_toml,
+)
 from selfe.ema import EMAConfig
 from selfe.encoders.image import CodecConfig
 from selfe.encoders.text import TextEncoderConfig
 from selfe.model import MODEL_PRESETS, ModelConfig
 from selfe.objective import ObjectiveConfig
-from selfe.sampling import SamplerConfig
+from selfe.sampling import MAX_STEPS, SamplerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,8 +153,7 @@ class TrainConfig:
     """Extra custom Ray resources per worker, e.g. {"trainer": 1} to pin workers to labelled nodes."""
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ConfigError("train.steps, train.batch_size and train.num_workers must be >= 1")
+        check_range("train", self, 1, "steps", "batch_size", "num_workers")
         if self.batch_size % self.num_workers:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be divisible by train.num_workers={self.num_workers}"
@@ -163,6 +164,11 @@ class TrainConfig:
             raise ConfigError("train.num_workers > 1 needs train.fsdp=true (gradients are synchronised by FSDP)")
         if self.cpus_per_worker <= 0:
             raise ConfigError("train.cpus_per_worker must be > 0 (use a fraction such as 0.5 on small machines)")
+        # A run with checkpoint_every=0 trains without a checkpoint and loses everything on a crash.
+        check_range("train", self, 1, "log_every", "checkpoint_every", "keep_checkpoints")
+        check_range("train", self, 0, "sample_every", "eval_every", "threads_per_worker", "seed")
+        check_range("train", self, -1, "max_failures")
+        check_name("train.run_name", self.run_name, allow_empty=True)
 
 
 @dataclass
@@ -185,6 +191,15 @@ class EvalConfig:
     untrained_reference: bool = True
     """Also score an untrained model (same seed) at 4 steps, as the floor to compare with."""
 
+    def validate(self) -> None:
+        for name in ("steps", "periodic_steps"):
+            values = getattr(self, name)
+            if not values or any(not 1 <= v <= MAX_STEPS for v in values):
+                raise ConfigError(f"eval.{name} must be a non-empty list of step counts in [1, {MAX_STEPS}], "
+                                  f"got {values}")
+        check_range("eval", self, 0, "max_prompts", "seed")
+        check_range("eval", self, 1, "batch_size", "grid_prompts", "periodic_per_task")
+
 
 @dataclass
 class TrackingConfig:
@@ -198,6 +213,10 @@ class TrackingConfig:
     promote_champion: bool = False
     """Also point the "champion" alias at the new version."""
     enabled: bool = True
+
+    def validate(self) -> None:
+        for name in ("experiment", "registered_model", "alias"):
+            check_name(f"tracking.{name}", getattr(self, name))
 
 
 @dataclass
@@ -306,6 +325,7 @@ def load_config(
             continue
         apply_override(cfg, key, value)
         explicit_anneal |= key == "objective.anneal_steps"
+    cfg.train.validate()  # before anything is derived from it
     if not explicit_anneal:
         cfg.objective.anneal_steps = round(cfg.anneal_fraction * cfg.train.steps)
     cfg.validate()

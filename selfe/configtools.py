@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from typing import Any
@@ -58,28 +60,62 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
+        if isinstance(value, str):
+            try:
+                value = int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    value = float(value)  # "1e4" is an integer; "2.5" is not
+                except ValueError:
+                    pass
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if "e" in value.lower() else int(value.replace("_", ""))
-            except ValueError:
-                pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def check_name(key: str, value: str, allow_empty: bool = False) -> None:
+    """Names that become path components and MLflow filter values: letters, digits, ``._-``, <= 128
+    characters, and not ``.`` or ``..``."""
+    if allow_empty and value == "":
+        return
+    if not NAME_PATTERN.match(value) or value in (".", ".."):
+        raise ConfigError(
+            f"{key}={value!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-' "
+            "(it becomes a folder name and an MLflow filter value)"
+        )
+
+
+def check_range(section: str, obj: Any, low: int | float, *names: str, high: int | float | None = None) -> None:
+    """Each field ``names`` of ``obj`` must lie in [low, high]; the error names the field and the range."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ConfigError(f"{section}.{name} must be {bound}, got {value}")
 
 
 def _unknown(key: str, options: list[str]) -> ConfigError:

@@ -8,6 +8,7 @@ end-of-training evaluation. A saved model is a folder: ``weights.safetensors`` (
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +41,12 @@ class ImageGenerator:
         self.null = TextCond(null.tokens, null.mask, null.pooled)
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextCond:
+        """Embed prompts; one longer than the encoder's ``max_tokens`` is cut, with a warning."""
         emb = self.text.encode(list(prompts))
+        for prompt, cut in zip(prompts, emb.truncated.tolist()):
+            if cut:
+                warnings.warn(f"prompt truncated to the text encoder's {self.text.max_tokens} tokens "
+                              f"(text.max_tokens): {prompt[:60]!r}...", stacklevel=2)
         return TextCond(emb.tokens, emb.mask, emb.pooled)
 
     @torch.no_grad()

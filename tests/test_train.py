@@ -46,7 +46,7 @@ def test_two_workers_shard_every_parameter(tmp_path):
     with result.checkpoint.as_directory() as ckpt:
         assert is_complete(ckpt)
         files = sorted(p.name for p in __import__("pathlib").Path(ckpt).iterdir())
-        assert "rng_rank0.pt" in files and "rng_rank1.pt" in files  # both ranks' parts merged
+        assert "rng_rank0.safetensors" in files and "rng_rank1.safetensors" in files  # both ranks' parts merged
         ema, online = build_model(cfg.model), build_model(cfg.model)
         assert load_weights(ckpt, ema, "ema")["step"] == 3
         load_weights(ckpt, online, "model")

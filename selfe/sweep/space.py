@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from selfe.config import Config, load_config
-from selfe.configtools import ConfigError, parse_overrides
+from selfe.configtools import ConfigError, check_name, parse_overrides
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -233,6 +233,7 @@ def _check_search(spec: SweepSpec) -> None:
     if spec.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("search = 'optuna' needs the optuna package: pip install optuna "
                           "(or pip install -e '.[optuna]'), or use search = 'grid' / 'random'")
+    check_name("[sweep] name", spec.name, allow_empty=True)
     if spec.mode not in ("max", "min"):
         raise ConfigError(f"[sweep] mode must be 'max' or 'min', got {spec.mode!r}")
     if spec.num_samples < 1 or min(spec.max_concurrent, spec.max_failures, spec.time_budget_s) < 0:

@@ -1,13 +1,22 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP): model, EMA, optimiser, progress, RNG.
 
-Each rank writes its own shard files (DCP names them by rank) plus ``rng_rank{r}.pt``, so the
-per-rank folders can be merged into one checkpoint (Ray Train does this on report). Loading
+Each rank writes its own shard files (DCP names them by rank) plus ``rng_rank{r}.safetensors``, so
+the per-rank folders can be merged into one checkpoint (Ray Train does this on report). Loading
 reshards, so a checkpoint written by N workers loads into M workers or into one plain model.
+
+Nothing read back may run code: a checkpoint folder can come from shared storage that others can
+write. The RNG state is safetensors + JSON, DCP's pickled ``.metadata`` goes through an unpickler
+that admits only DCP's own metadata classes and torch dtypes, and DCP's non-tensor items (the
+optimiser's param groups) load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import io
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -15,7 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict,
@@ -26,18 +40,131 @@ from selfe.ema import reshard
 PROGRESS_FILE = "progress.json"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file asks to load something other than plain data (a pickle that could run code)."""
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state(generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's RNG states (torch, numpy, python, and ``generator``'s) as safetensors tensors
+    plus string metadata: the Mersenne-Twister words are tensors, the few scalars JSON."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_words, py_gauss = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "python_words": torch.tensor(py_words, dtype=torch.int64),
+    }
+    if generator is not None:
+        tensors["generator"] = generator.get_state()
+    scalars = {"numpy": [int(np_pos), int(np_has_gauss), float(np_gauss)], "python": [py_version, py_gauss]}
+    return tensors, {"scalars": json.dumps(scalars)}
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def set_rng_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  generator: torch.Generator | None = None) -> None:
+    """Inverse of ``rng_state``."""
+    scalars = json.loads(metadata["scalars"])
+    torch.set_rng_state(tensors["torch"])
+    pos, has_gauss, gauss = scalars["numpy"]
+    np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py_version, py_gauss = scalars["python"]
+    random.setstate((py_version, tuple(int(w) for w in tensors["python_words"].tolist()), py_gauss))
+    if generator is not None and "generator" in tensors:
+        generator.set_state(tensors["generator"])
+
+
+def _rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng_rank{rank}.safetensors"
+
+
+def _safe_global(module: str, name: str) -> object | None:
+    """What the metadata unpickler may construct: DCP's metadata dataclasses and enums, and torch's
+    dtypes, layouts, memory formats and Size. None for anything else."""
+    if module.startswith("torch.distributed.checkpoint."):
+        obj = getattr(__import__(module, fromlist=[name]), name, None)
+        if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            return obj
+        return None
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+            return obj
+    if (module, name) == ("torch.serialization", "_get_layout"):  # a name -> torch.layout lookup
+        return torch.serialization._get_layout
+    if module == "pathlib" and name in ("PosixPath", "PurePosixPath"):  # StorageMeta.checkpoint_id
+        import pathlib
+
+        return getattr(pathlib, name)
+    if module == "collections" and name == "OrderedDict":
+        from collections import OrderedDict
+
+        return OrderedDict
+    return None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        obj = _safe_global(module, name)
+        if obj is None:
+            raise UnsafeCheckpointError(f".metadata references {module}.{name}, which is not checkpoint metadata")
+        return obj
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the pickled ``.metadata`` read by ``_MetadataUnpickler``."""
+
+    def read_metadata(self, *args, **kwargs):
+        # torch 2.13's FileSystemReader.read_metadata with the unpickler swapped.
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as metadata_file:
+            metadata = _MetadataUnpickler(metadata_file).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor items (param groups) load with weights_only=True."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message advises weights_only=False, exactly what must not happen here: keep
+            # only the line that names the refused global.
+            why = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), "not loadable")
+            raise UnsafeCheckpointError(f"item {read_item.dest_index.fqn} is not plain data ({why})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
+    """dcp.load through the safe reader and planner; a refused file becomes one clear error."""
+    reader = _SafeReader(str(path))
+    try:
+        # Read the metadata first ourselves: dcp.load swallows a failed read and retries other files.
+        reader.read_metadata()
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=no_dist)
+    except CheckpointException as e:
+        # DCP gathers each rank's exception into one CheckpointException (a BaseException).
+        unsafe = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
+        if not unsafe:
+            raise
+        cause: Exception = unsafe[0]
+    except UnsafeCheckpointError as e:
+        cause = e
+    else:
+        return
+    raise UnsafeCheckpointError(
+        f"refusing to load checkpoint {path}: {cause}; selfe did not write it (or it was altered), so it "
+        "was not loaded: resume from another checkpoint or delete this folder"
+    ) from None
 
 
 def save_checkpoint(
@@ -60,10 +187,8 @@ def save_checkpoint(
     }
     dcp.save(state, checkpoint_id=str(path))
     rank = _rank()
-    rng = rng_state()
-    if generator is not None:
-        rng["generator"] = generator.get_state()
-    torch.save(rng, path / f"rng_rank{rank}.pt")
+    tensors, metadata = rng_state(generator)
+    save_file(tensors, str(_rng_file(path, rank)), metadata=metadata)
     if rank == 0:
         (path / PROGRESS_FILE).write_text(json.dumps(progress))
 
@@ -82,16 +207,17 @@ def load_checkpoint(
         "ema": get_model_state_dict(ema),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    rng_file = path / f"rng_rank{_rank()}.pt"
+    rng_file = _rng_file(path, _rank())
     if rng_file.exists():  # absent when resuming with more workers than wrote the checkpoint
-        rng = torch.load(rng_file, weights_only=False)
-        set_rng_state(rng)
-        if generator is not None and "generator" in rng:
-            generator.set_state(rng["generator"])
+        from safetensors import safe_open
+
+        with safe_open(str(rng_file), framework="pt") as f:
+            metadata = f.metadata()
+        set_rng_state(load_file(str(rng_file)), metadata, generator)
     return json.loads((path / PROGRESS_FILE).read_text())
 
 
@@ -100,7 +226,7 @@ def load_weights(path: str | Path, model: nn.Module, which: str = "ema") -> dict
     in a single process (no process group needed). Returns the progress dict."""
     path = Path(path)
     state = {which: model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    _dcp_load(state, path, no_dist=True)
     model.load_state_dict(state[which])
     return json.loads((path / PROGRESS_FILE).read_text())
 

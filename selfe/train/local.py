@@ -27,11 +27,13 @@ def train_local(
     device: str = "cpu",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    on_ema: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, nn.Module, list[dict[str, float]]]:
     """Train ``cfg.model`` for ``steps`` (default cfg.train.steps) and return (model, ema, per-step stats).
 
     ``stop`` is asked after every step; True ends training early (a time budget). The schedules
-    (learning rate, tau) still run over ``steps``."""
+    (learning rate, tau) still run over ``steps``. ``on_ema(step, ema)`` sees the EMA model after
+    every step (snapshots of a long run)."""
     torch.manual_seed(cfg.train.seed)
     total = steps or cfg.train.steps
     model = build_model(cfg.model, device)
@@ -55,6 +57,8 @@ def train_local(
         history.append(stats)
         if on_step is not None:
             on_step(step, stats)
+        if on_ema is not None:
+            on_ema(step, ema)
         if stop is not None and stop():
             break
     return model, ema, history

@@ -1,0 +1,111 @@
+"""Command-line checks shared by the pipelines: every bad argument is one line on stderr and exit 2,
+found before a model is loaded where the argument alone shows it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+from selfe.configtools import NAME_PATTERN
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is the single line "prog: error: ..." (no usage block) and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str) -> int:
+    """Report a problem found after parsing (e.g. the registry has no such model); returns 2."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan/inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def utf8_text(text: str) -> str:
+    """argparse type: text that is valid UTF-8 (undecodable bytes arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'surrogateescape')[:40]!r} is not valid UTF-8; pass prompts as UTF-8 text"
+        ) from None
+    return text
+
+
+def model_ref(text: str) -> str:
+    """argparse type: an existing folder, ``models:/name@alias``, ``models:/name/<version>`` or
+    ``runs:/<run id>/<path>``."""
+    if Path(text).is_dir():
+        return text
+    forms = "give a model folder, models:/name@alias, models:/name/<version> or runs:/<run id>/model"
+    if text.startswith("runs:/"):
+        run_id, _, path = text[len("runs:/"):].partition("/")
+        if run_id and path:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r} is incomplete; {forms}")
+    m = _MODEL_URI.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a folder nor a model URI; {forms}")
+    if not NAME_PATTERN.match(m["name"]) or (m["alias"] and not NAME_PATTERN.match(m["alias"])):
+        raise argparse.ArgumentTypeError(f"{text!r}: names and aliases use letters, digits, '.', '_' or '-'")
+    if m["version"] is not None and not m["version"].isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: a version is a number, e.g. models:/selfe/3")
+    return text
+
+
+def missing_sqlite_store(uri: str) -> str | None:
+    """For a ``sqlite:///`` tracking URI whose file does not exist, the error to give (MLflow would
+    create an empty registry there and report the model as missing); else None."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return (f"no MLflow database at {uri[len('sqlite:///'):]}; run from the folder training ran in, "
+                "or pass --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    return None
+
+
+def load_model_or_fail(ref: str):
+    """``selfe.registry.load_model_ref`` with registry and file errors as one line (None after
+    printing it)."""
+    from mlflow.exceptions import MlflowException
+
+    from selfe.registry import load_model_ref
+
+    try:
+        return load_model_ref(ref)
+    except (MlflowException, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load model {ref}: {first}")
+        return None

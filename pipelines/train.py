@@ -4,6 +4,10 @@
     python pipelines/train.py --config my.toml --train.steps=5000 --optim.lr=1e-4
     ray job submit --working-dir . -- python pipelines/train.py --config clusters/configs/0.5b.toml
 
+Relative output settings (outputs/, ./mlflow.db) resolve under $SELFE_HOME when it is set; a
+submitted Ray job runs in Ray's temporary copy of the working directory, so there it needs
+$SELFE_HOME (or absolute settings) and refuses to start without.
+
 Every ``--section.field=value`` overrides the config; unknown keys fail before any work starts.
 """
 
@@ -17,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from selfe.config import load_config  # noqa: E402
 from selfe.configtools import ConfigError  # noqa: E402
+from selfe.paths import anchor_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        args.out = anchor_outputs(cfg, args.out)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

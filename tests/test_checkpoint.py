@@ -1,7 +1,9 @@
-"""Checkpoints in one process: exact round trip, and nothing read back runs code."""
+"""Checkpoints in one process: exact round trip, nothing read back runs code, a corrupt latest
+checkpoint falls back to an older one."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -13,7 +15,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from selfe.model import ModelConfig, build_model
-from selfe.train.checkpoint import UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint
+from selfe.train.checkpoint import (
+    UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, verify_checkpoint,
+)
+from selfe.train.resume import remove_unregistered, restore_first_usable
 from selfe.train.step import build_optimizer
 
 CFG = ModelConfig(width=32, head_dim=8, double_blocks=1, single_blocks=1, text_width=8, pooled_width=8)
@@ -102,3 +107,52 @@ def test_a_pickled_rng_file_is_never_read(tmp_path):
     (tmp_path / "rng_rank0.pt").write_bytes(pickle.dumps(RunsCode(str(marker))))
     load_checkpoint(tmp_path, *_fresh())
     assert not marker.exists()
+
+
+def test_the_manifest_catches_a_truncated_shard_and_is_written_last(tmp_path):
+    model, ema, opt = _trained()
+    save_checkpoint(tmp_path, model, ema, opt, {"step": 1})
+    assert verify_checkpoint(tmp_path) == [] and not list(tmp_path.glob(".*.tmp"))
+    shard = next(tmp_path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    (problem,) = verify_checkpoint(tmp_path)
+    assert shard.name in problem and "expected" in problem
+
+
+def _run_with_checkpoints(run_dir, steps=(1, 2)):
+    """Checkpoints of one model at ``steps`` under run_dir, registered in a Ray Train-style snapshot."""
+    names = []
+    for step in steps:
+        model, ema, opt = _trained(seed=step)
+        name = f"checkpoint_{step}"
+        save_checkpoint(run_dir / name, model, ema, opt, {"step": step})
+        names.append(name)
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    return [run_dir / n for n in names]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    import ray.train
+
+    older, latest = _run_with_checkpoints(tmp_path)
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # a corrupt latest checkpoint
+    model, ema, opt = _fresh()
+    load = lambda d: load_checkpoint(d, model, ema, opt)  # noqa: E731
+    with pytest.warns(UserWarning, match="checkpoint_2 is unusable .*expected"):
+        progress, path = restore_first_usable(ray.train.Checkpoint(str(latest)), load)
+    assert progress == {"step": 1} and path.endswith("checkpoint_1")
+    for a, b in zip(_trained(seed=1)[0].parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    (older / ".metadata").unlink()  # and now neither is usable
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no usable checkpoint to resume from"):
+        restore_first_usable(ray.train.Checkpoint(str(latest)), load)
+
+
+def test_checkpoint_folders_ray_never_registered_are_removed(tmp_path):
+    kept = _run_with_checkpoints(tmp_path)
+    (tmp_path / "checkpoint_3").mkdir()  # written, never reported
+    assert remove_unregistered(str(tmp_path)) == ["checkpoint_3"]
+    assert all(p.is_dir() for p in kept) and not (tmp_path / "checkpoint_3").exists()
+    assert remove_unregistered(str(tmp_path / "no-run-yet")) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import pytest
@@ -85,3 +86,20 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
     assert torch.allclose(adam_ref, adam_res, atol=1e-7)
     assert res.metrics["loss"] == pytest.approx(ref.metrics["loss"], rel=1e-5)
+
+
+def test_a_corrupt_latest_checkpoint_resumes_from_the_older_one(tmp_path):
+    """Truncate a shard of the latest checkpoint, rerun the same run name for longer: the workers skip
+    it (its manifest no longer matches), resume from the older checkpoint and finish."""
+    common = ["--train.checkpoint_every=3", "--train.keep_checkpoints=2"]
+    res = _fit(_cfg(tmp_path, "corrupt", "--train.steps=6", *common))
+    assert res.error is None and res.metrics["resumed_from"] == -1
+    run_dir = tmp_path / "corrupt"
+    latest = max(run_dir.glob("checkpoint_*"), key=lambda p: json.loads((p / "progress.json").read_text())["step"])
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (run_dir / "checkpoint_2000-01-01_00-00-00.000000").mkdir()  # a folder Ray never registered
+    res = _fit(_cfg(tmp_path, "corrupt", "--train.steps=9", *common))
+    assert res.error is None
+    assert res.metrics["resumed_from"] == 3 and res.metrics["step"] == 9
+    assert not (run_dir / "checkpoint_2000-01-01_00-00-00.000000").exists()

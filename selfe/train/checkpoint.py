@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import io
 import json
 import pickle
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 from selfe.ema import reshard
 
 PROGRESS_FILE = "progress.json"
+_HASH_CHUNK = 1 << 20
 
 
 class UnsafeCheckpointError(ValueError):
@@ -167,6 +169,14 @@ def _dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
     ) from None
 
 
+def _digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            sha.update(chunk)
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -175,7 +185,10 @@ def save_checkpoint(
     progress: dict,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Write this rank's part of the checkpoint into ``path`` (a local folder)."""
+    """Write this rank's part of the checkpoint into ``path`` (a local folder).
+
+    Rank 0 writes the progress file last (tmp + rename), with the size and sha256 of every rank's
+    files, so a folder with a progress file is complete and ``verify_checkpoint`` can check it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     reshard(model)
@@ -189,8 +202,43 @@ def save_checkpoint(
     rank = _rank()
     tensors, metadata = rng_state(generator)
     save_file(tensors, str(_rng_file(path, rank)), metadata=metadata)
+    # Each rank hashes the files it wrote (on a cluster every rank has its own folder).
+    files = {p.name: _digest(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != PROGRESS_FILE}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        files = {name: d for part in gathered for name, d in part.items()}
     if rank == 0:
-        (path / PROGRESS_FILE).write_text(json.dumps(progress))
+        tmp = path / f".{PROGRESS_FILE}.tmp"
+        tmp.write_text(json.dumps({**progress, "files": files}))
+        tmp.replace(path / PROGRESS_FILE)
+
+
+def read_progress(path: str | Path) -> dict:
+    """The progress dict (step, epoch, batch_in_epoch), without the file manifest."""
+    data = json.loads((Path(path) / PROGRESS_FILE).read_text())
+    data.pop("files", None)
+    return data
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with a checkpoint folder against its manifest: [] when every file is present
+    with its recorded size and sha256 (a folder written before manifests existed is not checked)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / PROGRESS_FILE).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return [f"{PROGRESS_FILE} unreadable ({type(e).__name__})"]
+    problems = []
+    for name, want in (manifest or {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} missing")
+        elif file.stat().st_size != want["size"]:
+            problems.append(f"{name} is {file.stat().st_size} bytes, expected {want['size']}")
+        elif _digest(file)["sha256"] != want["sha256"]:
+            problems.append(f"{name} sha256 differs")
+    return problems
 
 
 def load_checkpoint(
@@ -218,7 +266,7 @@ def load_checkpoint(
         with safe_open(str(rng_file), framework="pt") as f:
             metadata = f.metadata()
         set_rng_state(load_file(str(rng_file)), metadata, generator)
-    return json.loads((path / PROGRESS_FILE).read_text())
+    return read_progress(path)
 
 
 def load_weights(path: str | Path, model: nn.Module, which: str = "ema") -> dict:
@@ -228,10 +276,10 @@ def load_weights(path: str | Path, model: nn.Module, which: str = "ema") -> dict
     state = {which: model.state_dict()}
     _dcp_load(state, path, no_dist=True)
     model.load_state_dict(state[which])
-    return json.loads((path / PROGRESS_FILE).read_text())
+    return read_progress(path)
 
 
 def is_complete(path: str | Path) -> bool:
-    """A checkpoint folder is usable once DCP's metadata and the progress file both exist."""
+    """A checkpoint folder is usable once DCP's metadata and the progress file (written last) exist."""
     path = Path(path)
     return (path / ".metadata").exists() and (path / PROGRESS_FILE).exists()

@@ -24,6 +24,7 @@ from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 from selfe.generator import ImageGenerator, save_model_dir
 from selfe.model import build_model
 from selfe.train.checkpoint import load_weights
+from selfe.train.resume import remove_unregistered
 from selfe.train.worker import STRING_COLUMNS, train_loop_per_worker
 
 RUN_NAME_TAG = "selfe.train_run_name"
@@ -126,6 +127,9 @@ def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict, callbacks
     """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints under
     ``cfg.train.storage_path``. ``callbacks`` go to the RunConfig (e.g. Tune's TuneReportCallback)."""
     storage_path, fs = _storage(cfg.train.storage_path)
+    stray = remove_unregistered(f"{storage_path}/{run_name}", fs)
+    if stray:
+        print(f"[selfe] removed {len(stray)} checkpoint folder(s) Ray Train never registered: {', '.join(stray)}")
     # iter_torch_batches cannot convert string columns (caption, spec): hand workers tensors only.
     datasets = {k: ds.select_columns([c for c in ds.schema().names if c not in STRING_COLUMNS])
                 for k, ds in datasets.items()}

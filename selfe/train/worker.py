@@ -27,6 +27,7 @@ from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.sampling import SamplerConfig, resolve_landing, sample
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
+from selfe.train.resume import restore_first_usable
 from selfe.train.step import build_optimizer, lr_at, train_step
 
 STRING_COLUMNS = ("caption", "spec")
@@ -75,6 +76,7 @@ class WorkerLoop:
         self.generator = torch.Generator(self.device).manual_seed(t.seed * 1000 + 17 + self.rank)
         self.null = _cond(loop_config["null_text"], self.device)
         self.step = self.epoch = self.batch_in_epoch = 0
+        self.resumed_from = -1  # the step of the checkpoint this run resumed from (reported, for tests)
         self.per_worker = t.batch_size // self.world
         self.n_img = (cfg.data.resolution // cfg.model.patch_size) ** 2 if cfg.codec.kind == "pixels" else None
         self.peak = device_peak_flops(self.device, "bf16" if mp_dtype else "fp32")
@@ -99,9 +101,10 @@ class WorkerLoop:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return
-        with checkpoint.as_directory() as ckpt_dir:
-            progress = load_checkpoint(ckpt_dir, self.model, self.ema, self.optimizer, self.generator)
+        progress, path = restore_first_usable(
+            checkpoint, lambda d: load_checkpoint(d, self.model, self.ema, self.optimizer, self.generator))
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
+        self.resumed_from = self.step
         if self.rank == 0:
             print(f"[selfe] resumed from step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})",
                   flush=True)
@@ -181,9 +184,10 @@ class WorkerLoop:
             progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, self.model, self.ema, self.optimizer, progress, self.generator)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report({**metrics, "resumed_from": self.resumed_from},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, "resumed_from": self.resumed_from})
 
     def _throughput(self, stats: dict[str, float]) -> dict[str, float]:
         w = self.window

@@ -1,0 +1,85 @@
+"""Which checkpoint a restarted run resumes from, and the checkpoint folders nobody registered.
+
+Ray Train hands a restarted worker group its latest registered checkpoint only. If that one is
+corrupt or partial (a truncated shard, a half-copied folder), resuming from it fails on every retry
+until ``max_failures`` is spent, while an intact older checkpoint sits beside it. Here the workers
+walk the run's registered checkpoints (``checkpoint_manager_snapshot.json``) newest first and take
+the first that verifies and loads.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Callable
+
+import pyarrow.fs as pafs
+import ray.train
+from torch.distributed.checkpoint.api import CheckpointException
+
+from selfe.train.checkpoint import verify_checkpoint
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def _filesystem(path: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if fs is not None:
+        return fs, path
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
+def registered_checkpoints(run_dir: str, fs: pafs.FileSystem | None = None) -> list[str] | None:
+    """Folder names of the run's registered checkpoints, oldest first; None without a snapshot."""
+    fs, run_dir = _filesystem(run_dir, fs)
+    try:
+        with fs.open_input_stream(f"{run_dir}/{SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+
+
+def resume_candidates(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """``latest`` first, then the run's other registered checkpoints, newest first."""
+    run_dir, _, name = latest.path.rstrip("/").rpartition("/")
+    names = registered_checkpoints(run_dir, latest.filesystem) or []
+    older = [n for n in reversed(names) if n != name]
+    return [latest] + [ray.train.Checkpoint(f"{run_dir}/{n}", filesystem=latest.filesystem) for n in older]
+
+
+def restore_first_usable(latest: ray.train.Checkpoint, load: Callable[[str], dict]) -> tuple[dict, str]:
+    """Verify and ``load(local_dir)`` each candidate until one works: (its progress, its path).
+
+    A checkpoint whose files do not match their manifest, or whose load raises, is skipped with a
+    warning. All ranks see the same files and DCP raises on every rank together, so every rank
+    makes the same choice."""
+    tried = []
+    for ckpt in resume_candidates(latest):
+        with ckpt.as_directory() as local:
+            problems = verify_checkpoint(local)
+            if not problems:
+                try:
+                    return load(local), ckpt.path
+                except (CheckpointException, OSError, ValueError, RuntimeError, KeyError) as e:
+                    problems = [f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"]
+        tried.append(ckpt.path)
+        warnings.warn(f"[selfe] checkpoint {ckpt.path} is unusable ({'; '.join(problems)[:300]}); "
+                      "trying the next older one", stacklevel=2)
+    raise RuntimeError(f"no usable checkpoint to resume from: tried {', '.join(tried)}; delete the run folder "
+                       "(or use a new train.run_name) to start over")
+
+
+def remove_unregistered(run_dir: str, fs: pafs.FileSystem | None = None) -> list[str]:
+    """Delete the run's checkpoint folders that Ray Train never registered (a worker died between
+    writing and reporting one). Call before the run starts, never while it runs. Returns the names."""
+    names = registered_checkpoints(run_dir, fs)
+    if names is None:
+        return []
+    fs, run_dir = _filesystem(run_dir, fs)
+    listing = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    stray = [i.base_name for i in listing if i.type == pafs.FileType.Directory
+             and i.base_name.startswith(CHECKPOINT_PREFIX) and i.base_name not in names]
+    for name in stray:
+        fs.delete_dir(f"{run_dir}/{name}")
+    return stray

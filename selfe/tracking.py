@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -51,6 +52,15 @@ def get_or_create_experiment(name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s\"']+@")
+
+
+def redact_uri(text: str) -> str:
+    """Hide the user:password part of every URI in ``text`` (``postgresql://u:p@h/db`` ->
+    ``postgresql://***@h/db``): params and config artifacts are readable by anyone with run access."""
+    return _URI_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
 def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """Create a run with the resolved config as params and as an artifact; returns its id."""
     client = MlflowClient()
@@ -59,11 +69,11 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, pa
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flatten(cfg).items()}
+    params = {k: redact_uri(json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()}
     items = list(params.items())
     for i in range(0, len(items), 90):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i:i + 90]])
-    client.log_text(run.info.run_id, cfg.dump(), "config.toml")
+    client.log_text(run.info.run_id, redact_uri(cfg.dump()), "config.toml")
     return run.info.run_id
 
 

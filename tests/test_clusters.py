@@ -196,6 +196,8 @@ def test_pods_have_shm_env_and_token_auth(path):
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
             assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "selfe-s3"
         assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the server runs basic auth
+            assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "selfe-mlflow"
         assert mounts.get(env["SELFE_MODEL_CACHE"]["value"]) == "model-cache"
 
 
@@ -360,3 +362,21 @@ def test_readme_names_files_that_exist():
     assert [p for p in sorted(paths) if not (REPO / p).is_file()] == []
     for path in MANIFESTS:
         assert f"kubectl apply -f clusters/kuberay/{path.name}" in text or path.name == "raycluster.yaml"
+
+
+def test_mlflow_server_is_authenticated_and_fenced():
+    """No pod may repoint @champion: the server config enables basic auth without a stored password,
+    and the NetworkPolicy admits only labelled namespaces, on the server's port only."""
+    import configparser
+
+    auth = configparser.ConfigParser()
+    auth.read(CLUSTERS / "mlflow" / "basic_auth.ini")
+    assert auth["mlflow"]["authorization_function"].endswith("authenticate_request_basic_auth")
+    assert "admin_password" not in auth["mlflow"]
+    (policy,) = yaml.safe_load_all((CLUSTERS / "mlflow" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"selfe.io/mlflow-client": "true"}}}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+    readme = (CLUSTERS / "README.md").read_text()
+    assert "--app-name basic-auth" in readme and "networkpolicy.yaml" in readme

@@ -27,7 +27,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, s3_server):
+    # s3_server first: its credentials must be in the environment Ray's workers start with (the S3
+    # filesystem carries no keys; each process resolves them itself).
     with job_sandbox(tmp_path_factory.mktemp("job")) as root:
         yield root
 
@@ -106,6 +108,30 @@ def test_checkpoints_on_s3(workdir, s3_server, monkeypatch):
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket="ckpts", Prefix="runs/on-s3/")["Contents"]]
     assert any(k.endswith(".metadata") for k in keys) and any(k.endswith("rng_rank0.safetensors") for k in keys)
+
+
+def test_the_storage_filesystem_pickles_without_secrets(s3_server, monkeypatch):
+    import pickle
+
+    from selfe.train.job import storage_filesystem
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
+    fs = storage_filesystem("s3://ckpts/runs")
+    assert fs is not None and b"sekrit-value-123" not in pickle.dumps(fs)
+
+
+def test_credentials_in_uris_are_not_logged(workdir):
+    from selfe.tracking import start_run
+
+    cfg = load_config(overrides=["--tracking.tracking_uri=http://alice:pw-123@127.0.0.1:9/",
+                                 "--data.s3_endpoint=https://key:secret-456@minio.internal:9000"])
+    run_id = start_run(cfg, "redaction")
+    run = MlflowClient().get_run(run_id)
+    logged = json.dumps(run.data.params) + Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="config.toml")).read_text()
+    assert "pw-123" not in logged and "secret-456" not in logged
+    assert run.data.params["tracking.tracking_uri"] == "http://***@127.0.0.1:9/"
 
 
 def test_metrics_survive_an_unreachable_tracking_server(tmp_path, monkeypatch):

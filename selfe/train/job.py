@@ -19,6 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from selfe.config import Config
 from selfe.data.cache import build_cache, load_cache, read_null_text
+from selfe.data.sources import filesystem_for, s3_endpoint
 from selfe.encoders.text import TextEncoder
 from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 from selfe.generator import ImageGenerator, save_model_dir
@@ -54,24 +55,16 @@ def ensure_ray(cfg: Config) -> None:
 
 
 def storage_filesystem(storage_path: str):
-    """A pyarrow S3 filesystem honouring AWS_ENDPOINT_URL (S3-compatible stores); None for local paths."""
-    if not storage_path.startswith("s3://"):
-        return None
-    import pyarrow.fs
+    """A pyarrow S3 filesystem for an ``s3://`` path on an S3-compatible store (AWS_ENDPOINT_URL);
+    None for local paths and AWS S3 (Ray resolves those itself).
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
+    It carries no keys: whoever unpickles it (the Train controller, workers, a restored Tuner) resolves
+    credentials through the AWS chain of its own node, and no secret lands in pickled run state such
+    as Tune's ``tuner.pkl`` in the sweep bucket."""
+    if not storage_path.startswith("s3://") or not s3_endpoint():
         return None
-    scheme = "https" if endpoint.startswith("https") else "http"
-    # Credentials are passed explicitly: the filesystem is pickled to the Train controller and workers,
-    # whose environment may predate the driver's.
-    return pyarrow.fs.S3FileSystem(
-        endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        # Small objects as one PUT: S3-compatible servers (moto 5) mishandle CompleteMultipartUpload.
-        allow_delayed_open=True,
-    )
+    fs, _ = filesystem_for(storage_path)
+    return fs
 
 
 def _storage(storage_path: str) -> tuple[str, object]:

@@ -124,7 +124,7 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path) -> N
     from selfe.encoders.text import TextEncoder
     from selfe.eval.runner import select_prompts
     from selfe.generator import ImageGenerator, load_generator
-    from selfe.tracking import RunLogger
+    from selfe.runlog import RunLogger
     from selfe.train.job import export_model
 
     records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)

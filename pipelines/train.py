@@ -52,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample grid:     {res.grid_path} (rows: steps {cfg.eval.steps}; prompts in samples.txt)")
     if res.mlflow_run_id:
         print(f"MLflow run:      {res.mlflow_run_id} at {__import__('os').environ.get('MLFLOW_TRACKING_URI')}")
-        print(f"registered:      models:/{cfg.tracking.registered_model}/{res.model_version} "
-              f"(alias @{cfg.tracking.alias}{', @champion' if args.promote or cfg.tracking.promote_champion else ''})")
+        if res.model_version is not None:
+            print(f"registered:      models:/{cfg.tracking.registered_model}/{res.model_version} "
+                  f"(alias @{cfg.tracking.alias}{', @champion' if args.promote or cfg.tracking.promote_champion else ''})")
         print("browse:          mlflow ui --backend-store-uri " + __import__("os").environ.get("MLFLOW_TRACKING_URI", ""))
+    if res.registration_error:
+        print(f"NOT registered:  {res.registration_error}", file=sys.stderr)
+        return 1
     return 0
 
 

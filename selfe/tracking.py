@@ -1,6 +1,7 @@
-"""MLflow: runs, metrics that survive an unreachable server, sample grids, logging the pyfunc model
-(``selfe.mlflow_model``) and the registry. Workers and the Train controller are separate processes: they receive the run id
-and tracking URI explicitly (``MLFLOW_TRACKING_URI`` in the runtime env)."""
+"""MLflow: runs, sample grids, logging the pyfunc model (``selfe.mlflow_model``) and the registry.
+Metrics that survive an unreachable server are ``selfe.runlog``. Workers and the Train controller
+are separate processes: they receive the run id and tracking URI explicitly (``MLFLOW_TRACKING_URI``
+in the runtime env)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import io
 import json
 import os
 import re
-import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import mlflow
 import numpy as np
@@ -22,7 +21,37 @@ from mlflow.tracking import MlflowClient
 from selfe.config import Config
 from selfe.configtools import flatten
 
+T = TypeVar("T")
+
 CHAMPION = "champion"
+# MLflow errors that retrying cannot fix: the request itself is wrong or not allowed.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+              "PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the deadline."""
+
+
+def with_retries(what: str, fn: Callable[[], T], deadline_s: float = 120.0, pause_s: float = 5.0) -> T:
+    """``fn()``, retried every ``pause_s`` while the server is unreachable, for up to ``deadline_s``
+    (a short outage at run creation or registration must not end a job). Errors in the request
+    itself are raised at once."""
+    deadline = time.time() + deadline_s
+    while True:
+        try:
+            return fn()
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code in _PERMANENT:
+                raise
+            error: Exception = e
+        except OSError as e:  # connection refused / reset before MLflow wraps it
+            error = e
+        if time.time() + pause_s > deadline:
+            raise TrackingUnavailable(f"MLflow did not answer for {deadline_s:.0f} s while {what}: "
+                                      f"{str(error).splitlines()[0][:300]}") from error
+        warnings.warn(f"MLflow unreachable while {what}; retrying in {pause_s:.0f} s", stacklevel=2)
+        time.sleep(pause_s)
 
 
 def resolve_tracking_uri(cfg: Config | None = None) -> str:
@@ -77,92 +106,10 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, pa
     return run.info.run_id
 
 
-class RunLogger:
-    """Metrics and artifacts for one run that never block or crash training.
-
-    Metrics go to a local JSONL spool first (a killed process loses nothing), then a background
-    thread sends them. If the tracking server is unreachable they stay buffered, a warning says
-    so, and they are sent once it answers again (``close`` waits a bounded time for that).
-    """
-
-    def __init__(self, run_id: str, spool_dir: str | Path | None = None, retry_s: float = 5.0) -> None:
-        self.run_id = run_id
-        self.client = MlflowClient()
-        self.pending: list[mlflow.entities.Metric] = []
-        self.spool = Path(spool_dir or tempfile.gettempdir()) / f"selfe-metrics-{run_id}.jsonl"
-        self.failures = 0
-        self.retry_s = retry_s
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._sender, name="mlflow-sender", daemon=True)
-        self._thread.start()
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
-        new = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and np.isfinite(v)]
-        with self.spool.open("a") as fh:
-            for m in new:
-                fh.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n")
-        with self._lock:
-            self.pending.extend(new)
-        self._wake.set()
-
-    def _sender(self) -> None:
-        while not self._closed:
-            self._wake.wait(self.retry_s)
-            self._wake.clear()
-            self.flush()
-
-    def flush(self) -> bool:
-        """Send buffered metrics now; True when nothing is left pending.
-
-        The network call runs outside ``_lock``: a send stuck in the client's retries against a dead
-        server must not block ``log_metrics`` (and with it the training step) for minutes."""
-        with self._send_lock:  # one sender at a time (the thread, close())
-            while True:
-                with self._lock:
-                    batch = self.pending[:900]
-                if not batch:
-                    return True
-                try:
-                    self.client.log_batch(self.run_id, metrics=batch)
-                except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-                    self.failures += 1
-                    if self.failures == 1 or self.failures % 50 == 0:
-                        warnings.warn(f"MLflow unreachable ({type(e).__name__}: {e}); {len(self.pending)} metrics "
-                                      f"buffered, also in {self.spool}; retrying every {self.retry_s:.0f} s",
-                                      stacklevel=2)
-                    return False
-                with self._lock:  # only this method removes, and only from the front
-                    del self.pending[: len(batch)]
-
-    def close(self, timeout_s: float = 60.0) -> bool:
-        """Stop the sender after trying to deliver everything for up to ``timeout_s``."""
-        deadline = time.time() + timeout_s
-        while not self.flush() and time.time() < deadline:
-            time.sleep(min(self.retry_s, max(deadline - time.time(), 0)))
-        self._closed = True
-        self._wake.set()
-        if self.pending:
-            warnings.warn(f"{len(self.pending)} metrics never reached MLflow; they are in {self.spool}", stacklevel=2)
-        return not self.pending
-
-    def log_artifact_bytes(self, data: bytes, artifact_path: str) -> None:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                target = Path(tmp) / Path(artifact_path).name
-                target.write_bytes(data)
-                self.client.log_artifact(self.run_id, str(target), str(Path(artifact_path).parent) or None)
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"could not log artifact {artifact_path} to MLflow: {e}", stacklevel=2)
-
-    def log_grids(self, grids: dict[int, np.ndarray], step: int, codec_cfg: Any = None) -> None:
-        """Sample grids (rows = step counts, columns = prompts) as one PNG per logging step."""
-        images = {k: _to_uint8(v, codec_cfg) for k, v in grids.items()}
-        self.log_artifact_bytes(png_bytes(grid_image(images)), f"samples/grid_step{step:07d}.png")
+def log_grids(logger, grids: dict[int, np.ndarray], step: int, codec_cfg: Any = None) -> None:
+    """Sample grids (rows = step counts, columns = prompts) as one PNG artifact per logging step."""
+    images = {k: _to_uint8(v, codec_cfg) for k, v in grids.items()}
+    logger.log_artifact_bytes(png_bytes(grid_image(images)), f"samples/grid_step{step:07d}.png")
 
 
 def _to_uint8(latents: np.ndarray, codec_cfg: Any) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""RunLogger against a tracking server that hangs: training-side logging must not wait for it."""
+"""RunLogger against a tracking server that hangs or is down: training-side logging must not wait for
+it, memory stays bounded, ``close`` keeps its deadline, and the next logger replays what was missed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from selfe.tracking import RunLogger
+from selfe.runlog import RunLogger
 
 
 class HangingClient:
@@ -28,6 +29,19 @@ class HangingClient:
             raise ConnectionError("server gone")
         self.sent.extend(metrics)
 
+    def get_metric_history(self, run_id, key):
+        return [m for m in self.sent if m.key == key]
+
+
+class DownClient(HangingClient):
+    """Every send hangs until released, then fails: a server that stays down."""
+
+    def log_batch(self, run_id, metrics=()):
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(30)
+        raise ConnectionError("server gone")
+
 
 def test_log_metrics_does_not_wait_for_a_hanging_send(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted: the client is replaced
@@ -47,3 +61,33 @@ def test_log_metrics_does_not_wait_for_a_hanging_send(tmp_path, monkeypatch):
     assert logger.close(timeout_s=10)
     assert sorted(m.step for m in client.sent) == list(range(1, 12))  # nothing lost, nothing sent twice
     assert len((tmp_path / "selfe-metrics-run0.jsonl").read_text().splitlines()) == 11
+
+
+def test_an_outage_holds_bounded_memory_close_keeps_its_deadline_and_the_next_logger_replays(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    logger = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1, max_pending=100)
+    down = logger.client = DownClient()
+    with pytest.warns(UserWarning, match="backlog over 100 metrics"):
+        for step in range(1, 501):
+            logger.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+    assert len(logger.pending) == 100 and logger.dropped == 900
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning, match="1000 metrics did not reach MLflow .900 dropped"):
+        assert not logger.close(timeout_s=1.0)  # the send is stuck in its retries: close still returns
+    assert time.perf_counter() - t0 < 2.0
+    down.release.set()
+
+    # The server is back; it already has steps 1-10 of "loss" (say, delivered before a crash).
+    back = HangingClient()
+    back.calls = 1  # answers at once
+    back.sent = [type("M", (), {"key": "loss", "step": s})() for s in range(1, 11)]
+    import selfe.runlog as runlog
+
+    monkeypatch.setattr(runlog, "MlflowClient", lambda: back)
+    replay = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)
+    assert replay.replayed == 990
+    assert replay.close(timeout_s=10)
+    sent = [(m.key, m.step) for m in back.sent]
+    assert sorted(sent) == sorted([("loss", s) for s in range(1, 501)] + [("lr", s) for s in range(1, 501)])
+    again = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)  # everything delivered: nothing to replay
+    assert again.replayed == 0 and again.close(timeout_s=5)

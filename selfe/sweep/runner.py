@@ -241,7 +241,8 @@ def _finish_tracking(spec: SweepSpec, base: Config, rows: list[TrialRow], best: 
     """Close the child runs with their outcome, register the best model, log the summary to the parent."""
     from mlflow.tracking import MlflowClient
 
-    from selfe.tracking import RunLogger, get_or_create_experiment, log_and_register
+    from selfe.runlog import RunLogger
+    from selfe.tracking import get_or_create_experiment, log_and_register
 
     client = MlflowClient()
     experiment_id = get_or_create_experiment(base.tracking.experiment)

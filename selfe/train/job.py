@@ -42,6 +42,8 @@ class JobResult:
     geneval: dict
     train_seconds: float
     grid_path: str | None
+    registration_error: str | None = None
+    """Why the model was not registered (MLflow unreachable), with the command that registers it later."""
 
 
 def ensure_ray(cfg: Config) -> None:
@@ -76,6 +78,16 @@ def _storage(storage_path: str) -> tuple[str, object]:
     return storage_path, None
 
 
+def metrics_spool_dir(cfg: Config, run_name: str) -> Path:
+    """Where a run's metrics are spooled before MLflow has them: under the run's storage folder when
+    that is local (it outlives the process and a resume finds it), else a local folder per run."""
+    if "://" not in cfg.train.storage_path:
+        return Path(cfg.train.storage_path).resolve() / run_name / "mlflow-spool"
+    from selfe.runlog import default_spool_dir
+
+    return default_spool_dir() / run_name
+
+
 def default_run_name() -> str:
     return time.strftime("selfe-%Y%m%d-%H%M%S")
 
@@ -95,6 +107,7 @@ def loop_inputs(cfg: Config, text: TextEncoder, null: dict, latent_size: int, ml
     return {
         "config": asdict(cfg), "null_text": null, "mlflow_run_id": mlflow_run_id,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "metrics_spool": str(metrics_spool_dir(cfg, cfg.train.run_name)),
         "grid": encoded_prompts(text, grid, latent_size) if cfg.train.sample_every else None,
         "periodic_eval": encoded_prompts(text, periodic, latent_size) if cfg.train.eval_every else None,
     }
@@ -106,14 +119,16 @@ def _mlflow_run(cfg: Config, run_name: str) -> str | None:
         return None
     from mlflow.tracking import MlflowClient
 
-    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run
+    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run, with_retries
 
     setup_tracking(cfg)
-    exp_id = get_or_create_experiment(cfg.tracking.experiment)
-    found = MlflowClient().search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    return start_run(cfg, run_name, tags={RUN_NAME_TAG: run_name})
+
+    def find_or_start() -> str:
+        exp_id = get_or_create_experiment(cfg.tracking.experiment)
+        found = MlflowClient().search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+        return found[0].info.run_id if found else start_run(cfg, run_name, tags={RUN_NAME_TAG: run_name})
+
+    return with_retries(f"creating the run {run_name}", find_or_start)
 
 
 def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict, callbacks: list | None = None) -> ray.train.Result:
@@ -184,26 +199,35 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     model, step = export_model(cfg, result.checkpoint, out_dir / "model")
     gen = ImageGenerator(model, cfg, text=text)
     geneval, grid_path = evaluate_and_log(cfg, gen, out_dir, mlflow_run_id)
-    version = None
+    version, registration_error = None, None
     if mlflow_run_id:
-        from selfe.tracking import RunLogger, log_and_register
+        from selfe.runlog import RunLogger
+        from selfe.tracking import TrackingUnavailable, log_and_register, with_retries
 
-        logger = RunLogger(mlflow_run_id)
+        logger = RunLogger(mlflow_run_id, spool_dir=metrics_spool_dir(cfg, run_name))
         logger.log_metrics({"train_wall_s": train_seconds}, step)
         logger.close()
-        version = log_and_register(mlflow_run_id, out_dir / "model", cfg.tracking.registered_model,
-                                   cfg.tracking.alias, promote or cfg.tracking.promote_champion)
+        promote_now = promote or cfg.tracking.promote_champion
+        try:
+            version = with_retries("registering the model", lambda: log_and_register(
+                mlflow_run_id, out_dir / "model", cfg.tracking.registered_model, cfg.tracking.alias, promote_now))
+        except TrackingUnavailable as e:
+            registration_error = (
+                f"{e}. The model is saved; register it once MLflow is back: python pipelines/register.py "
+                f"--model-dir {out_dir / 'model'} --run-id {mlflow_run_id} --name {cfg.tracking.registered_model} "
+                f"--alias {cfg.tracking.alias}{' --promote' if promote_now else ''}")
     res = JobResult(run_name, mlflow_run_id, result.checkpoint.path, step, str(out_dir / "model"), version,
-                    geneval, train_seconds, grid_path)
+                    geneval, train_seconds, grid_path, registration_error)
     (out_dir / "result.json").write_text(json.dumps(asdict(res), indent=2, default=str))
     return res
 
 
 def evaluate_and_log(cfg: Config, gen: ImageGenerator, out_dir: Path, run_id: str | None) -> tuple[dict, str | None]:
     """GenEval-lite at cfg.eval.steps, the untrained-model reference at 4 steps, and a sample grid."""
-    from selfe.tracking import RunLogger, grid_image, png_bytes
+    from selfe.runlog import RunLogger
+    from selfe.tracking import grid_image, png_bytes
 
-    logger = RunLogger(run_id) if run_id else None
+    logger = RunLogger(run_id, spool_dir=metrics_spool_dir(cfg, cfg.train.run_name)) if run_id else None
     results: dict = {}
     grid_path = None
     if cfg.eval.steps:

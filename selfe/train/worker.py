@@ -91,11 +91,11 @@ class WorkerLoop:
             return None
         import mlflow
 
-        from selfe.tracking import RunLogger
+        from selfe.runlog import RunLogger
 
         if self.loop_config.get("tracking_uri"):  # workers do not inherit the driver's mlflow state
             mlflow.set_tracking_uri(self.loop_config["tracking_uri"])
-        return RunLogger(self.loop_config["mlflow_run_id"])
+        return RunLogger(self.loop_config["mlflow_run_id"], spool_dir=self.loop_config.get("metrics_spool"))
 
     def restore(self) -> None:
         checkpoint = ray.train.get_checkpoint()
@@ -176,10 +176,12 @@ class WorkerLoop:
                 print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
                       f"{metrics.get('images_per_s', 0):.1f} img/s", flush=True)
         if do_grid:
+            from selfe.tracking import log_grids
+
             grid = self.loop_config["grid"]
             latents = {s: self._sample(grid, s) for s in self.cfg.eval.steps}
             if self.tracker is not None:
-                self.tracker.log_grids(latents, step, self.cfg.codec)
+                log_grids(self.tracker, latents, step, self.cfg.codec)
         if do_ckpt:
             progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             with tempfile.TemporaryDirectory() as tmp:

@@ -149,7 +149,8 @@ def run_preprocess_fault(cluster, work: Path, samples: int) -> dict:
 
     def rows(root: Path) -> list[str]:
         (cache,) = [p for p in root.iterdir() if (p / "manifest.json").exists()]
-        table = pq.read_table(sorted((cache / "data").glob("*.parquet")), columns=["caption", "spec"])
+        files = json.loads((cache / "manifest.json").read_text())["files"]
+        table = pq.read_table([str(cache / f) for f in files], columns=["caption", "spec"])
         return sorted(c + "|" + s for c, s in zip(table["caption"].to_pylist(), table["spec"].to_pylist()))
 
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
@@ -160,14 +161,14 @@ def run_preprocess_fault(cluster, work: Path, samples: int) -> dict:
     t_start = time.time()
     killed = subprocess.Popen([*base, f"--out={work / 'cut'}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    while not list((work / "cut").glob("*/data/*.parquet")):
+    while not list((work / "cut").glob("*/builds/*/data/*.parquet")):
         if killed.poll() is not None:
             raise RuntimeError("preprocessing finished before it could be killed; raise --preprocess-samples")
         time.sleep(0.2)
     t_fault = time.time()
     killed.send_signal(signal.SIGKILL)
     killed.wait(30)
-    partial = len(list((work / "cut").glob("*/data/*.parquet")))
+    partial = len(list((work / "cut").glob("*/builds/*/data/*.parquet")))
     rerun = subprocess.run([*base, f"--out={work / 'cut'}"], env=env, capture_output=True, text=True, timeout=900)
     t_end = time.time()
     ref, got = rows(work / "ref"), rows(work / "cut")

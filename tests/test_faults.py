@@ -3,6 +3,7 @@ training workers on different nodes, and the faults clusters produce."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -133,7 +134,8 @@ def test_preprocess_killed_midway_and_rerun_gives_exactly_the_uninterrupted_rows
 
     def rows(cache_root: Path) -> list[str]:
         (cache,) = [p for p in cache_root.iterdir() if (p / "manifest.json").exists()]
-        table = pq.read_table(sorted((cache / "data").glob("*.parquet")), columns=["caption", "spec"])
+        files = json.loads((cache / "manifest.json").read_text())["files"]
+        table = pq.read_table([str(cache / f) for f in files], columns=["caption", "spec"])
         return sorted(c + "|" + s for c, s in zip(table["caption"].to_pylist(), table["spec"].to_pylist()))
 
     c, _ = cluster
@@ -144,7 +146,7 @@ def test_preprocess_killed_midway_and_rerun_gives_exactly_the_uninterrupted_rows
     killed = subprocess.Popen([*base, f"--out={tmp_path / 'cut'}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "cut").glob("*/data/*.parquet")):
+    while time.time() < deadline and not list((tmp_path / "cut").glob("*/builds/*/data/*.parquet")):
         time.sleep(0.2)  # kill it once it has started writing rows
     killed.send_signal(signal.SIGKILL)
     killed.wait(30)

@@ -136,23 +136,55 @@ def test_key_depends_on_inputs_not_on_execution(shapes_cache: tuple[Config, str,
 @pytest.mark.slow
 def test_interrupted_run_is_redone_cleanly(shapes_cache: tuple[Config, str, dict], tmp_path: Path) -> None:
     cfg, path, manifest = shapes_cache
-    # An interrupted build of the same inputs: data written (one file twice), no manifest yet.
+    # An interrupted build of the same inputs: a build folder with data (one file twice), no manifest.
     root = tmp_path / "cache"
     cfg2 = make_cfg(root, "--data.num_samples=40", "--data.encode_batch_size=7", "--data.decode_cpus=1")
     broken = Path(cache_dir(cfg2))
     shutil.copytree(path, broken)
     (broken / "manifest.json").unlink()
-    first = sorted((broken / "data").glob("*.parquet"))[0]
+    (old_build,) = (broken / "builds").iterdir()
+    first = sorted((old_build / "data").glob("*.parquet"))[0]
     shutil.copy(first, first.with_name("partial-duplicate.parquet"))
     with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
         read_manifest(str(broken))
 
     path2, manifest2 = build_cache(cfg2)
     assert path2 == str(broken) and manifest2["rows"] == 40
-    assert not (broken / "data" / "partial-duplicate.parquet").exists()
+    assert not old_build.exists()  # the interrupted build is removed, not appended to
     before = sorted((r["spec"], r["caption"], np.asarray(r["latent"]).tobytes()) for r in rows_of(path, cfg))
     after = sorted((r["spec"], r["caption"], np.asarray(r["latent"]).tobytes()) for r in rows_of(path2, cfg2))
     assert after == before  # same rows, none twice, whatever the batch size and fusion
+
+
+@pytest.mark.slow
+def test_concurrent_builds_commit_one_build_and_force_keeps_readers_whole(
+    ray_session: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import threading
+
+    cfg = make_cfg(tmp_path, "--data.num_samples=24")
+    results: list = []
+    builders = [threading.Thread(target=lambda: results.append(build_cache(cfg))) for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join(300)
+    (path, first), (_, second) = results
+    assert first["build"] == second["build"] and first["rows"] == second["rows"] == 24
+    assert "built meanwhile by another job" in capsys.readouterr().out
+    assert len(list((Path(path) / "builds").iterdir())) == 1 and len(rows_of(path, cfg)) == 24
+
+    # A forced rebuild commits a new build; a job still reading the old one finds all its files.
+    old_files = [Path(path) / f for f in first["files"]]
+    _, forced = build_cache(cfg, force=True)
+    assert forced["build"] != first["build"] and forced["superseded"][0]["build"] == first["build"]
+    assert all(f.exists() for f in old_files) and len(rows_of(path, cfg)) == 24
+
+    # A truncated file is not a cache hit: the next build replaces the damaged build.
+    victim = Path(path) / forced["files"][0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    _, rebuilt = build_cache(cfg)
+    assert rebuilt["build"] not in (first["build"], forced["build"]) and len(rows_of(path, cfg)) == 24
 
 
 @pytest.mark.slow

@@ -2,14 +2,16 @@
 
 Layout of one cache, ``<data.cache_root>/<cache_key(cfg)>/`` (a local folder or an ``s3://`` prefix)::
 
-    data/*.parquet           latent f16 (C, h, w) | text_tokens f16 (L, D) | text_mask bool (L,)
-                             | text_pooled f16 (Dp,) | caption str | spec str (JSON; "" unless shapes)
-    null_text.safetensors    the text encoder's embedding of "" (tokens, mask, pooled)
-    manifest.json            written last: the commit marker
+    builds/<build id>/data/*.parquet         latent f16 (C, h, w) | text_tokens f16 (L, D) | text_mask
+                                             bool (L,) | text_pooled f16 (Dp,) | caption str | spec str
+    builds/<build id>/null_text.safetensors  the text encoder's embedding of "" (tokens, mask, pooled)
+    manifest.json                            written last: the commit; lists the build's files and sizes
 
-A folder without ``manifest.json`` is an interrupted build: the next build deletes it (manifest first,
-then everything else) and writes it again from scratch, so rows are never appended twice and a
-half-written cache never looks complete. The same protocol works on S3, which has no rename.
+Each build writes into its own folder, under a lock (``selfe.data.cachelock``), and commits by
+writing the manifest, which names only that build's files. A concurrent or interrupted build never
+adds rows to a committed cache; a hit checks every listed file's size, so a truncated file means a
+rebuild. A forced rebuild leaves the previous build readable for ``SUPERSEDED_KEEP_S`` (jobs may
+still be reading it); later builds delete it, and delete interrupted builds at once.
 
 The key hashes everything that changes the rows (source, resolution, codecs and their weights,
 ``max_tokens``, ...) but not how the job runs (batch size, actor count). It hashes the source's
@@ -33,6 +35,7 @@ import pyarrow.fs as pafs
 
 from selfe.config import Config
 from selfe.configtools import ConfigError
+from selfe.data.cachelock import build_lock
 from selfe.data.sources import (
     byte_source_dataset,
     check_location,
@@ -43,11 +46,14 @@ from selfe.data.sources import (
 )
 from selfe.data.transforms import EncodeBatch, Ledger, build_encoders, decode_batch, encoder_info
 
-FORMAT_VERSION = 1
-"""Bump when the row schema or layout changes: every key changes with it."""
+FORMAT_VERSION = 2
+"""Bump when the row schema or layout changes: every key changes with it. 2: per-build folders."""
 MANIFEST = "manifest.json"
 NULL_TEXT = "null_text.safetensors"
 DATA_DIR = "data"
+BUILDS_DIR = "builds"
+SUPERSEDED_KEEP_S = 24 * 3600
+"""How long a build replaced by a forced rebuild stays readable for jobs that started on it."""
 _TARGET_FILE_BYTES = 64 << 20
 
 log = logging.getLogger(__name__)
@@ -135,9 +141,9 @@ def read_null_text(path: str, endpoint: str = "") -> dict[str, Any]:
     """The embedding of "" stored with the cache: tokens (1, L, D) f32, mask (1, L) bool, pooled (1, Dp) f32."""
     from safetensors.torch import load
 
-    read_manifest(path, endpoint)  # a half-built cache has no trustworthy null embedding
+    manifest = read_manifest(path, endpoint)  # a half-built cache has no trustworthy null embedding
     fs, root = filesystem_for(path, endpoint)
-    with fs.open_input_stream(posixpath.join(root, NULL_TEXT)) as stream:
+    with fs.open_input_stream(posixpath.join(root, manifest["null_text"])) as stream:
         return load(stream.read())
 
 
@@ -185,15 +191,22 @@ def load_cache(path: str, cfg: Config) -> Any:
 
 
 def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpoint: str) -> dict | None:
-    """The manifest if the cache at ``root`` is complete and belongs to ``key``, else None."""
+    """The manifest if the cache at ``root`` is complete and belongs to ``key``, else None.
+    Complete: every listed file exists with the size the manifest records."""
     try:
         manifest = read_manifest(uri, endpoint)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if manifest.get("cache_key") != key or manifest.get("format_version") != FORMAT_VERSION:
         return None
-    present = {info.path for info in fs.get_file_info(pafs.FileSelector(posixpath.join(root, DATA_DIR), allow_not_found=True))}
-    if any(posixpath.join(root, name) not in present for name in manifest["files"]):
+    sizes = {}
+    for folder in {posixpath.dirname(name) for name in manifest["file_sizes"]}:
+        listing = fs.get_file_info(pafs.FileSelector(posixpath.join(root, folder), allow_not_found=True))
+        sizes.update({posixpath.relpath(i.path, root): i.size for i in listing})
+    wrong = [name for name, size in manifest["file_sizes"].items() if sizes.get(name) != size]
+    if wrong:
+        log.warning("cache %s is damaged (%d file(s) missing or of the wrong size, e.g. %s): rebuilding it",
+                    uri, len(wrong), wrong[0])
         return None
     return manifest
 
@@ -218,16 +231,31 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
         print(f"cache hit: {out} ({manifest['rows']} rows); nothing to do")
         return out, manifest
 
+    source: tuple | None = None  # (filesystem, root, files) of a byte source
     if data.source == "shapes":
-        source_format, files = "shapes", []
+        source_format = "shapes"
     else:
         check_location(data.source, endpoint, "data.source")
         source_fs, source_root = filesystem_for(data.source, endpoint)
-        files = list_files(source_fs, source_root)
-        source_format = data.source_format if data.source_format != "auto" else detect_format(files)
+        source = (source_fs, source_root, list_files(source_fs, source_root))
+        source_format = data.source_format if data.source_format != "auto" else detect_format(source[2])
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(posixpath.dirname(root), recursive=True)  # an unwritable cache_root fails here, not later
+    with build_lock(out, endpoint):
+        if not force and (manifest := _complete_manifest(fs, root, out, key, endpoint)):
+            print(f"cache hit: {out} ({manifest['rows']} rows), built meanwhile by another job; nothing to do")
+            return out, manifest
+        return _build(cfg, fs, root, out, key, source_format, source, num_cpus)
 
+
+def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, source_format: str,
+           source: tuple | None, num_cpus: int | None) -> tuple[str, dict]:
+    """Write a new build folder and commit it (holding the build lock)."""
+    import ray
+
+    data = cfg.data
+    build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    build_root = posixpath.join(root, BUILDS_DIR, build_id)
     if not ray.is_initialized():
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": num_cpus, "include_dashboard": False}))
     _check_resources(cfg, source_format)
@@ -236,7 +264,7 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
         if source_format == "shapes":
             ds = shapes_dataset(cfg)
         else:
-            ds = byte_source_dataset(cfg, source_fs, source_root, files, source_format).map_batches(
+            ds = byte_source_dataset(cfg, *source, source_format).map_batches(
                 decode_batch,
                 batch_size=64,
                 num_cpus=data.decode_cpus,
@@ -253,10 +281,9 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
             num_cpus=data.encode_cpus,
             num_gpus=gpus,
         )
-        _clear(fs, root)  # the manifest goes first: from here on the folder is visibly incomplete
         start = time.perf_counter()
         ds.write_parquet(
-            posixpath.join(root, DATA_DIR),
+            posixpath.join(build_root, DATA_DIR),
             filesystem=fs,
             min_rows_per_file=_rows_per_file(cfg),
             ray_remote_args={"num_cpus": data.decode_cpus},
@@ -270,7 +297,9 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
     finally:
         ray.kill(ledger)
 
-    manifest = _finish(cfg, fs, root, key, source_format, counts, examples, info, elapsed)
+    previous = _read_manifest_or_none(fs, root)
+    manifest = _finish(cfg, fs, root, build_root, key, source_format, counts, examples, info, elapsed, previous)
+    _collect_garbage(fs, root, manifest)
     skipped = ", ".join(f"{r}={n}" for r, n in manifest["skipped"].items()) or "none"
     print(
         f"preprocess: wrote {manifest['rows']} rows to {out} in {elapsed:.1f} s ({manifest['rows_per_s']:.0f} rows/s); "
@@ -300,17 +329,26 @@ def _check_resources(cfg: Config, source_format: str) -> None:
         raise ConfigError(message)
 
 
+def _read_manifest_or_none(fs: pafs.FileSystem, root: str) -> dict | None:
+    try:
+        with fs.open_input_stream(posixpath.join(root, MANIFEST)) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
 def _finish(
-    cfg: Config, fs: pafs.FileSystem, root: str, key: str, source_format: str,
-    counts: dict[str, int], examples: dict[str, list[str]], info: dict, elapsed: float,
+    cfg: Config, fs: pafs.FileSystem, root: str, build_root: str, key: str, source_format: str,
+    counts: dict[str, int], examples: dict[str, list[str]], info: dict, elapsed: float, previous: dict | None,
 ) -> dict:
-    """Count the written rows, check the accounting, write null_text then the manifest (last)."""
+    """Count the build's rows, check the accounting, write null_text then the manifest (last)."""
     import pyarrow.parquet as pq
     from safetensors.torch import save
 
-    data_root = posixpath.join(root, DATA_DIR)
+    data_root = posixpath.join(build_root, DATA_DIR)
     infos = fs.get_file_info(pafs.FileSelector(data_root, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    written = {i.path: i.size for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")}
+    files = sorted(written)
     rows = 0
     for path in files:
         with fs.open_input_file(path) as handle:
@@ -320,9 +358,17 @@ def _finish(
     for reason, n in skipped.items():
         log.warning("skipped %d rows: %s (e.g. %s)", n, reason, ", ".join(examples.get(reason, [])))
     if rows + sum(skipped.values()) != seen:
-        log.warning("row accounting mismatch: %d rows read, %d written, %d skipped", seen, rows, sum(skipped.values()))
+        raise RuntimeError(
+            f"row accounting mismatch in build {build_root}: {seen} rows read, {rows} written, "
+            f"{sum(skipped.values())} skipped; the cache was not committed. Rerun the build (a clean rerun "
+            "writes a new build folder)"
+        )
 
-    _write_bytes(fs, posixpath.join(root, NULL_TEXT), save(info["null_text"]))
+    _write_bytes(fs, posixpath.join(build_root, NULL_TEXT), save(info["null_text"]))
+    now = time.time()
+    superseded = [s for s in (previous or {}).get("superseded", []) if now - s["at"] < SUPERSEDED_KEEP_S]
+    if previous and previous.get("build"):
+        superseded.insert(0, {"build": previous["build"], "at": now})
     text = info["text_encoder"]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -333,7 +379,11 @@ def _finish(
         "min_image_size": cfg.data.min_image_size,
         "rows": rows,
         "rows_read": seen,
+        "build": posixpath.basename(build_root),
         "files": [posixpath.relpath(path, root) for path in files],
+        "file_sizes": {posixpath.relpath(path, root): written[path] for path in files},
+        "null_text": posixpath.relpath(posixpath.join(build_root, NULL_TEXT), root),
+        "superseded": superseded,
         "columns": {
             "latent": {"shape": info["latent_shape"], "dtype": "float16"},
             "text_tokens": {"shape": [text["max_tokens"], text["width"]], "dtype": "float16"},
@@ -372,13 +422,14 @@ def _rows_per_file(cfg: Config) -> int:
     return max(1, _TARGET_FILE_BYTES // (row_bytes + cfg.text.max_tokens))
 
 
-def _clear(fs: pafs.FileSystem, root: str) -> None:
-    """Delete a stale cache folder: its manifest first, so an interruption here leaves it incomplete."""
-    manifest = posixpath.join(root, MANIFEST)
-    if fs.get_file_info(manifest).type == pafs.FileType.File:
-        fs.delete_file(manifest)
-    if fs.get_file_info(root).type == pafs.FileType.Directory:
-        fs.delete_dir(root)
+def _collect_garbage(fs: pafs.FileSystem, root: str, manifest: dict) -> None:
+    """Delete build folders nobody can be reading (holding the build lock): interrupted builds at
+    once, superseded ones once ``SUPERSEDED_KEEP_S`` has passed (the manifest lists those younger)."""
+    keep = {manifest["build"], *(s["build"] for s in manifest["superseded"])}
+    builds = fs.get_file_info(pafs.FileSelector(posixpath.join(root, BUILDS_DIR), allow_not_found=True))
+    for info in builds:
+        if info.type == pafs.FileType.Directory and info.base_name not in keep:
+            fs.delete_dir(info.path)
 
 
 def _write_bytes(fs: pafs.FileSystem, path: str, payload: bytes) -> None:

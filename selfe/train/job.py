@@ -25,6 +25,7 @@ from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 from selfe.generator import ImageGenerator, save_model_dir
 from selfe.model import build_model
 from selfe.train.checkpoint import load_weights
+from selfe.train.owner import run_owner
 from selfe.train.resume import remove_unregistered
 from selfe.train.worker import STRING_COLUMNS, train_loop_per_worker
 
@@ -135,13 +136,21 @@ def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict, callbacks
     """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints under
     ``cfg.train.storage_path``. ``callbacks`` go to the RunConfig (e.g. Tune's TuneReportCallback)."""
     storage_path, fs = _storage(cfg.train.storage_path)
-    stray = remove_unregistered(f"{storage_path}/{run_name}", fs)
-    if stray:
-        print(f"[selfe] removed {len(stray)} checkpoint folder(s) Ray Train never registered: {', '.join(stray)}")
+    run_uri = f"{cfg.train.storage_path.rstrip('/')}/{run_name}" if "://" in cfg.train.storage_path \
+        else f"{storage_path}/{run_name}"
+    with run_owner(run_uri, run_name, cfg.data.s3_endpoint):
+        stray = remove_unregistered(f"{storage_path}/{run_name}", fs)
+        if stray:
+            print(f"[selfe] removed {len(stray)} checkpoint folder(s) Ray Train never registered: {', '.join(stray)}")
+        return _trainer(cfg, run_name, storage_path, fs, datasets, loop_config, callbacks).fit()
+
+
+def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, loop_config: dict,
+             callbacks: list | None) -> TorchTrainer:
     # iter_torch_batches cannot convert string columns (caption, spec): hand workers tensors only.
     datasets = {k: ds.select_columns([c for c in ds.schema().names if c not in STRING_COLUMNS])
                 for k, ds in datasets.items()}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -159,7 +168,6 @@ def fit(cfg: Config, run_name: str, datasets: dict, loop_config: dict, callbacks
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
-    return trainer.fit()
 
 
 def _ordered_ingest():

@@ -13,6 +13,8 @@ checkpoint, one fault is injected:
   autoscaler would;
 - ``driver_kill``: SIGKILL of the job driver (the Train controller goes with it), then the same
   command again with the same run name;
+- ``corrupt_checkpoint``: SIGKILL of the job driver, one shard of the latest registered checkpoint
+  truncated, then the same command again (it must fall back to the older checkpoint);
 - ``preprocess_kill``: SIGKILL of ``pipelines/preprocess.py`` once it writes rows, then a rerun;
 - ``mlflow_outage``: the run logs to an ``mlflow server``, which is stopped mid-run for
   ``--outage-s`` seconds and started again on the same port and database.
@@ -39,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 NODE = {"num_cpus": 1, "resources": {"trainer": 1}}
-TRAIN_FAULTS = ("worker_kill", "node_loss", "driver_kill")
+TRAIN_FAULTS = ("worker_kill", "node_loss", "driver_kill", "corrupt_checkpoint")
 ALL_FAULTS = (*TRAIN_FAULTS, "preprocess_kill", "mlflow_outage")
 
 
@@ -121,9 +123,15 @@ def run_train_fault(fault: str, cluster, nodes: list, work: Path, steps: int, ev
         cluster.remove_node(nodes[index])
         nodes[index] = cluster.add_node(**NODE)  # the autoscaler's replacement
         extra["replacement_added_s"] = round(time.time() - t_fault, 1)
-    elif fault == "driver_kill":
+    elif fault in ("driver_kill", "corrupt_checkpoint"):
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+        if fault == "corrupt_checkpoint":
+            run_dir = work / "ray" / name
+            names = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+            shard = sorted((run_dir / names[-1]["checkpoint_dir_name"]).glob("*.distcp"))[0]
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+            extra["corrupted"] = names[-1]["metrics"]["step"]
         proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)  # resubmitted
     rc = proc.wait(900)
     t_end = time.time()

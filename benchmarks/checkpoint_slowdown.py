@@ -4,6 +4,7 @@
     python benchmarks/checkpoint_slowdown.py model      # save only the model state dict
     python benchmarks/checkpoint_slowdown.py none       # no save (the control)
     python benchmarks/checkpoint_slowdown.py optim_torch  # the optimizer state dict through torch.save
+    python benchmarks/checkpoint_slowdown.py optim_clone  # dcp.save of a copy of the optimizer state
 
 After each window it lists the threads of this process that used CPU during it (from /proc), so a
 thread left busy by the save shows up by name.
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.utils._pytree import tree_map_only
 
 from selfe.config import load_config
 from selfe.data.cache import cache_dir, read_null_text
@@ -95,6 +97,8 @@ def main(what: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if what == "optim_torch":
             torch.save(states["optim"](), os.path.join(tmp, "optim.pt"))
+        elif what == "optim_clone":
+            dcp.save({"optim": tree_map_only(torch.Tensor, torch.clone, states["optim"]())}, checkpoint_id=tmp)
         elif what != "none":
             dcp.save({what: states[what]()}, checkpoint_id=tmp)
     print(f"  the save: threads busy: {busy_threads(census, thread_cpu())}", flush=True)
@@ -105,6 +109,6 @@ def main(what: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim", "optim_torch"):
-        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch")
+    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim", "optim_torch", "optim_clone"):
+        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch|optim_clone")
     sys.exit(main(sys.argv[1]))

@@ -91,3 +91,36 @@ def test_an_outage_holds_bounded_memory_close_keeps_its_deadline_and_the_next_lo
     assert sorted(sent) == sorted([("loss", s) for s in range(1, 501)] + [("lr", s) for s in range(1, 501)])
     again = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)  # everything delivered: nothing to replay
     assert again.replayed == 0 and again.close(timeout_s=5)
+
+
+def test_run_creation_and_registration_retry_through_a_short_outage():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from selfe.tracking import TrackingUnavailable, with_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("API request failed: connection refused")  # the server is restarting
+        return "run-id"
+
+    with pytest.warns(UserWarning, match="MLflow unreachable while creating the run"):
+        assert with_retries("creating the run", flaky, deadline_s=5, pause_s=0.05) == "run-id"
+    assert len(calls) == 3
+
+    def wrong():
+        raise MlflowException("bad alias", error_code=INVALID_PARAMETER_VALUE)
+
+    with pytest.raises(MlflowException, match="bad alias"):  # not an outage: no retries
+        with_retries("registering", wrong, deadline_s=5, pause_s=0.05)
+
+    def down():
+        raise ConnectionRefusedError("refused")
+
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning), pytest.raises(TrackingUnavailable, match="did not answer for 0 s while registering"):
+        with_retries("registering", down, deadline_s=0.3, pause_s=0.05)
+    assert time.perf_counter() - t0 < 1.0

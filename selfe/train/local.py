@@ -16,7 +16,7 @@ from selfe.config import Config
 from selfe.ema import ema_decay_at, make_ema
 from selfe.model import build_model
 from selfe.objective import SelfEObjective, TextCond
-from selfe.train.step import Batch, build_optimizer, lr_at, train_step
+from selfe.train.step import Batch, build_optimizer, lr_at, mixed_precision_dtype, train_step
 
 
 def train_local(
@@ -42,6 +42,7 @@ def train_local(
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.beta1, o.beta2, o.weight_decay)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
+    autocast = mixed_precision_dtype(cfg.train.mixed_precision, device)
     history: list[dict[str, float]] = []
     model.train()
     for step in range(total):
@@ -51,7 +52,7 @@ def train_local(
         lr = lr_at(step, o.lr, o.lr_end, o.warmup_steps, total)
         stats = train_step(
             model, ema, objective, optimizer, batch, null_cond, step, lr,
-            o.grad_clip, ema_decay_at(step, cfg.ema, cfg.train.batch_size), generator=generator,
+            o.grad_clip, ema_decay_at(step, cfg.ema, cfg.train.batch_size), autocast, generator=generator,
         )
         stats.update(step=step, data_s=t1 - t0, step_s=time.perf_counter() - t0)
         history.append(stats)

@@ -22,6 +22,14 @@ class Batch:
     fake_cond: TextCond | None = None
 
 
+def mixed_precision_dtype(mode: str, device: torch.device | str) -> torch.dtype | None:
+    """``train.mixed_precision`` -> the compute dtype: bf16 for "bf16", and for "auto" on CUDA; None
+    (fp32) otherwise. On CPUs with AVX-512 BF16 "bf16" is an option too (oneDNN bf16 matmuls)."""
+    if mode == "bf16" or (mode == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def lr_at(step: int, lr: float, lr_end: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up 0 -> lr over warmup_steps, then linear decay to lr_end at total_steps."""
     if warmup_steps and step < warmup_steps:

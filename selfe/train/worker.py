@@ -28,7 +28,7 @@ from selfe.sampling import SamplerConfig, resolve_landing, sample
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train.resume import restore_first_usable
-from selfe.train.step import build_optimizer, lr_at, train_step
+from selfe.train.step import build_optimizer, lr_at, mixed_precision_dtype, train_step
 
 STRING_COLUMNS = ("caption", "spec")
 FEWSTEP_METRIC = "geneval_fewstep"
@@ -62,8 +62,7 @@ class WorkerLoop:
             torch.set_num_threads(cfg.train.threads_per_worker)
         use_cuda = cfg.train.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-        mode = cfg.train.mixed_precision
-        mp_dtype = torch.bfloat16 if mode == "bf16" or (mode == "auto" and use_cuda) else None
+        mp_dtype = mixed_precision_dtype(cfg.train.mixed_precision, self.device)
         t = cfg.train
         self.model = build_sharded_model(cfg.model, self.device, t.seed, t.fsdp, mp_dtype, t.activation_checkpointing)
         # The EMA is sharded exactly like the online model, so its forwards gather shards the same way.

@@ -46,6 +46,13 @@ class ModelConfig:
     abs_pos_embed: bool = False
     """Also add a fixed 2-D sin-cos embedding of each patch's (row, column) to the image tokens, as DiT
     does, on top of RoPE's relative positions. [ours; FLUX: False]"""
+    prediction: str = "velocity"
+    """What the last layer outputs: "velocity" (V directly, as FLUX and the paper) or "clean" (an
+    estimate X of x0, returned as V = (x_t - X) / max(t, clean_t_min) so that every caller still sees
+    a velocity and G = x_t - t V = X). Clean prediction is JiT's remedy for pixel-space patches, whose
+    noise is high-dimensional while images are not. [ours; paper: velocity]"""
+    clean_t_min: float = 0.05
+    """Floor on t in the division above, keeping V finite as t -> 0 (JiT)."""
 
     def validate(self) -> None:
         if self.width % self.head_dim:
@@ -55,6 +62,10 @@ class ModelConfig:
         for name in ("width", "patch_size", "in_channels", "text_width", "pooled_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prediction not in ("velocity", "clean"):
+            raise ValueError(f"model.prediction must be 'velocity' or 'clean', got {self.prediction!r}")
+        if not 0 < self.clean_t_min <= 1:
+            raise ValueError(f"model.clean_t_min must be in (0, 1], got {self.clean_t_min}")
         if self.double_blocks + self.single_blocks < 1:
             raise ValueError("model needs at least one block (double_blocks + single_blocks >= 1)")
 
@@ -322,7 +333,10 @@ class MMDiT(nn.Module):
             seq = block(seq, vec, angles, n_txt, key_mask)
         out = self.final(seq[:, n_txt:], vec)  # (B, N, C * p * p)
         # Unpatchify back to (B, C, H, W).
-        return out.reshape(b, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        out = out.reshape(b, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        if self.cfg.prediction == "clean":
+            return (x - out) / t.view(-1, 1, 1, 1).to(out.dtype).clamp_min(self.cfg.clean_t_min)
+        return out
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> MMDiT:

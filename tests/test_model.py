@@ -140,3 +140,19 @@ def test_absolute_positions_tell_every_patch_apart_and_change_the_output():
     args = (torch.randn(2, 3, 32, 32), torch.full((2,), 0.5), torch.full((2,), 0.5), torch.randn(2, 3, 8),
             torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))
     assert not torch.allclose(plain(*args), with_pos(*args), atol=1e-4)
+
+
+def test_clean_prediction_returns_a_velocity_whose_jump_is_the_network_output():
+    cfg = ModelConfig(width=32, head_dim=8, double_blocks=1, single_blocks=1, text_width=32, pooled_width=16)
+    raw = build_model(cfg)
+    _perturb_adaln(raw)
+    clean = build_model(replace(cfg, prediction="clean"))
+    clean.load_state_dict(raw.state_dict())
+    x, t, s, txt, mask, pooled = _inputs(cfg)
+    t = torch.tensor([0.5, 0.02])  # one above and one below clean_t_min = 0.05
+    out, v = raw(x, t, s.clamp(max=0.02), txt, mask, pooled), clean(x, t, s.clamp(max=0.02), txt, mask, pooled)
+    jump = x - t.view(-1, 1, 1, 1) * v  # G = x_t - t V, what the objective and the sampler use
+    assert torch.allclose(jump[0], out[0], atol=1e-5)  # G is the network's clean estimate
+    assert torch.allclose(v[1], (x[1] - out[1]) / 0.05, atol=1e-4)  # the floor keeps V finite near 0
+    with pytest.raises(ValueError, match="model.prediction must be"):
+        ModelConfig(prediction="eps").validate()

@@ -1,12 +1,12 @@
 """Metrics for one MLflow run that never block or crash training, and survive an outage.
 
-Every metric is appended to a local JSONL spool first (a killed process loses nothing); a
-background thread sends them. While the server is unreachable they wait in a bounded in-memory
-queue: beyond ``max_pending`` the oldest are dropped from memory (counted and reported) but stay
-in the spool. A ``<spool>.sent`` file records how far the spool has been delivered, so the next
-logger for the same run replays the rest, skipping (key, step) pairs the server already has.
-``close`` returns within its deadline even when a send is stuck in the client's retries (MLflow's
-defaults retry one call for about four minutes).
+The local JSONL spool is the queue: ``log_metrics`` appends to it and returns, and a background
+thread sends it front to back in batches, recording in ``<spool>.sent`` the byte offset delivered so
+far. Memory therefore stays at one batch however long the server is away (nothing is dropped), and
+a killed process loses nothing: the next logger for the same run resumes from the recorded offset.
+Its first batch may overlap what the dead logger sent just before dying; pairs (key, step) the
+server already has are skipped there. ``close`` returns within its deadline even when a send is
+stuck in the client's retries (MLflow's defaults retry one call for about four minutes).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import deque
 from pathlib import Path
 
 import mlflow
@@ -25,7 +24,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 SPOOL_ENV = "SELFE_METRICS_SPOOL"
-_BATCH = 900  # MLflow's log_batch accepts up to 1000 metrics
+BATCH = 900  # MLflow's log_batch accepts up to 1000 metrics
 
 
 def default_spool_dir() -> Path:
@@ -33,106 +32,84 @@ def default_spool_dir() -> Path:
     return Path(os.environ.get(SPOOL_ENV) or Path(tempfile.gettempdir()) / "selfe-metrics")
 
 
-class RunLogger:
-    """``log_metrics`` appends and returns; a daemon thread delivers. Holds at most ``max_pending``
-    metrics in memory whatever the outage length."""
+def _metric(line: bytes) -> mlflow.entities.Metric | None:
+    try:
+        r = json.loads(line)
+        return mlflow.entities.Metric(r["key"], r["value"], r["timestamp"], r["step"])
+    except (ValueError, KeyError):  # a line cut by a crash mid-write
+        return None
 
-    def __init__(self, run_id: str, spool_dir: str | Path | None = None, retry_s: float = 5.0,
-                 max_pending: int = 50_000) -> None:
+
+class RunLogger:
+    """``log_metrics`` appends and returns; a daemon thread delivers from the spool file."""
+
+    def __init__(self, run_id: str, spool_dir: str | Path | None = None, retry_s: float = 5.0) -> None:
         self.run_id = run_id
         self.client = MlflowClient()
         directory = Path(spool_dir) if spool_dir else default_spool_dir()
         directory.mkdir(parents=True, exist_ok=True)
         self.spool = directory / f"selfe-metrics-{run_id}.jsonl"
         self.sent_file = self.spool.with_suffix(".sent")
-        self.retry_s, self.max_pending = retry_s, max_pending
-        self.failures = self.dropped = 0
-        self.pending: deque[tuple[int, mlflow.entities.Metric]] = deque()  # (spool line, metric)
-        self._lines = self._count_lines()
-        self._first_dropped: int | None = None
+        self.retry_s = retry_s
+        self.failures = 0
+        self._offset = self._read_offset()
         self._lock = threading.Lock()
+        self._out = self.spool.open("ab")
+        if self._out.tell() and self.spool.read_bytes()[-1:] != b"\n":
+            self._out.write(b"\n")  # end a line a crash cut short, so the next one starts clean
+        self.replayed = self._undelivered_lines()
+        self._check_overlap = self.replayed > 0  # the dead logger's last batch may have arrived
         self._wake = threading.Event()
         self._closing = self._stopped = False
-        self.replayed = self._replay()
         self._thread = threading.Thread(target=self._sender, name="mlflow-sender", daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------------ spool
+    # ------------------------------------------------------------------ the spool
 
-    def _count_lines(self) -> int:
-        if not self.spool.exists():
-            return 0
-        with self.spool.open("rb") as fh:
-            return sum(1 for _ in fh)
-
-    def _delivered_until(self) -> int:
+    def _read_offset(self) -> int:
         try:
             return int(self.sent_file.read_text())
         except (OSError, ValueError):
             return 0
 
-    def _replay(self) -> int:
-        """Queue what an earlier logger for this run spooled but did not deliver, minus what the
-        server already has (same key and step). Returns how many were queued."""
-        start = self._delivered_until()
-        if start >= self._lines:
-            return 0
-        rows = []
-        with self.spool.open() as fh:
-            for i, line in enumerate(fh):
-                if i >= start and line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except ValueError:  # a line cut by a crash mid-write
-                        continue
-        try:
-            have = {(r["key"], m.step) for r in {r["key"]: r for _, r in rows}.values()
-                    for m in self.client.get_metric_history(self.run_id, r["key"])}
-        except Exception:  # noqa: BLE001 - server down again: send all; MLflow ignores exact duplicates
-            have = set()
-        for i, r in rows:
-            if (r["key"], r["step"]) not in have:
-                self.pending.append((i, mlflow.entities.Metric(r["key"], r["value"], r["timestamp"], r["step"])))
-        self._trim()
-        if not self.pending:
-            self._mark_delivered(self._lines)
-        return len(self.pending)
+    def _undelivered_lines(self) -> int:
+        with self.spool.open("rb") as fh:
+            fh.seek(self._offset)
+            return sum(1 for _ in fh)
 
-    def _mark_delivered(self, line: int) -> None:
-        tmp = self.sent_file.with_suffix(".sent.tmp")
-        tmp.write_text(str(line))
-        tmp.replace(self.sent_file)
-
-    # ------------------------------------------------------------------ logging
+    @property
+    def pending(self) -> int:
+        """Metrics logged (by this or an earlier logger of the run) and not yet delivered."""
+        return self._undelivered_lines()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        new = [mlflow.entities.Metric(k, float(v), ts, step) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and np.isfinite(v)]
+        lines = [json.dumps({"key": k, "value": float(v), "step": step, "timestamp": ts}) + "\n"
+                 for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)]
         with self._lock:
-            with self.spool.open("a") as fh:
-                for m in new:
-                    fh.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp})
-                             + "\n")
-            for m in new:
-                self.pending.append((self._lines, m))
-                self._lines += 1
-            self._trim()
+            self._out.write("".join(lines).encode())
+            self._out.flush()
         self._wake.set()
 
-    def _trim(self) -> None:
-        """Drop the oldest pending metrics beyond ``max_pending`` from memory (they stay spooled)."""
-        over = len(self.pending) - self.max_pending
-        if over <= 0:
-            return
-        if self._first_dropped is None:
-            self._first_dropped = self.pending[0][0]
-            warnings.warn(f"MLflow backlog over {self.max_pending} metrics: dropping the oldest from memory; "
-                          f"they stay in {self.spool} and are replayed by the next logger for this run",
-                          stacklevel=3)
-        for _ in range(over):
-            self.pending.popleft()
-        self.dropped += over
+    def _next_batch(self) -> tuple[list[mlflow.entities.Metric], int]:
+        """Up to BATCH complete lines from the delivered offset: (metrics, offset after them)."""
+        metrics, offset = [], self._offset
+        with self.spool.open("rb") as fh:
+            fh.seek(offset)
+            while len(metrics) < BATCH:
+                line = fh.readline()
+                if not line.endswith(b"\n"):  # end of file, or a line still being written
+                    break
+                offset += len(line)
+                if (m := _metric(line)) is not None:
+                    metrics.append(m)
+        return metrics, offset
+
+    def _mark_delivered(self, offset: int) -> None:
+        self._offset = offset
+        tmp = self.sent_file.with_suffix(".sent.tmp")
+        tmp.write_text(str(offset))
+        tmp.replace(self.sent_file)
 
     # ------------------------------------------------------------------ sending
 
@@ -147,32 +124,33 @@ class RunLogger:
                 time.sleep(min(self.retry_s, 1.0))
 
     def _send_all(self) -> bool:
-        """Deliver the queue front to back; True when it is empty. The network call runs without
-        the lock, so ``log_metrics`` never waits for the server."""
+        """Deliver the spool front to back; True when all of it is delivered."""
         while not self._stopped:
-            with self._lock:
-                batch = [self.pending[i] for i in range(min(_BATCH, len(self.pending)))]
-            if not batch:
+            batch, end = self._next_batch()
+            if end == self._offset:
                 return True
             try:
-                self.client.log_batch(self.run_id, metrics=[m for _, m in batch])
+                if self._check_overlap:
+                    batch = self._without_delivered(batch)
+                if batch:
+                    self.client.log_batch(self.run_id, metrics=batch)
             except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
                 self.failures += 1
                 if self.failures == 1 or self.failures % 50 == 0:
-                    warnings.warn(f"MLflow unreachable ({type(e).__name__}: {str(e)[:200]}); {len(self.pending)} "
-                                  f"metrics queued, all in {self.spool}; retrying every {self.retry_s:g} s",
-                                  stacklevel=2)
+                    warnings.warn(f"MLflow unreachable ({type(e).__name__}: {str(e)[:200]}); metrics wait in "
+                                  f"{self.spool}; retrying every {self.retry_s:g} s", stacklevel=2)
                 return False
-            with self._lock:
-                # Only this thread removes from the front; a trim may have removed some already.
-                while self.pending and self.pending[0][0] <= batch[-1][0]:
-                    self.pending.popleft()
-                front = self.pending[0][0] if self.pending else self._lines
-                self._mark_delivered(front if self._first_dropped is None else min(front, self._first_dropped))
+            self._check_overlap = False
+            self._mark_delivered(end)
         return False
 
+    def _without_delivered(self, batch: list[mlflow.entities.Metric]) -> list[mlflow.entities.Metric]:
+        have = {(key, m.step) for key in {m.key for m in batch}
+                for m in self.client.get_metric_history(self.run_id, key)}
+        return [m for m in batch if (m.key, m.step) not in have]
+
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait up to ``timeout_s`` for the queue to empty; True when it did."""
+        """Wait up to ``timeout_s`` for everything logged to be delivered; True when it was."""
         deadline = time.time() + timeout_s
         self._wake.set()
         while self.pending and time.time() < deadline:
@@ -186,12 +164,12 @@ class RunLogger:
         self._wake.set()
         self._thread.join(timeout_s)
         self._stopped = True  # a send stuck in retries ends with the process; nothing waits for it
-        undelivered = len(self.pending) + self.dropped
-        if undelivered:
-            warnings.warn(f"{undelivered} metrics did not reach MLflow ({self.dropped} dropped from memory); "
-                          f"they are in {self.spool} and a logger for run {self.run_id} replays them",
-                          stacklevel=2)
-        return not undelivered
+        self._out.close()
+        left = self.pending
+        if left:
+            warnings.warn(f"{left} metrics did not reach MLflow; they are in {self.spool} and the next logger "
+                          f"for run {self.run_id} (a resumed job) delivers them", stacklevel=2)
+        return not left
 
     # ------------------------------------------------------------------ artifacts
 

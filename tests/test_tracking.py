@@ -63,21 +63,20 @@ def test_log_metrics_does_not_wait_for_a_hanging_send(tmp_path, monkeypatch):
     assert len((tmp_path / "selfe-metrics-run0.jsonl").read_text().splitlines()) == 11
 
 
-def test_an_outage_holds_bounded_memory_close_keeps_its_deadline_and_the_next_logger_replays(tmp_path, monkeypatch):
+def test_an_outage_keeps_close_on_its_deadline_and_the_next_logger_delivers_the_rest(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    logger = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1, max_pending=100)
+    logger = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)
     down = logger.client = DownClient()
-    with pytest.warns(UserWarning, match="backlog over 100 metrics"):
-        for step in range(1, 501):
-            logger.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
-    assert len(logger.pending) == 100 and logger.dropped == 900
+    for step in range(1, 501):
+        logger.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step)
+    assert logger.pending == 1000  # all of it on disk, none of it in memory
     t0 = time.perf_counter()
-    with pytest.warns(UserWarning, match="1000 metrics did not reach MLflow .900 dropped"):
+    with pytest.warns(UserWarning, match="1000 metrics did not reach MLflow"):
         assert not logger.close(timeout_s=1.0)  # the send is stuck in its retries: close still returns
     assert time.perf_counter() - t0 < 2.0
     down.release.set()
 
-    # The server is back; it already has steps 1-10 of "loss" (say, delivered before a crash).
+    # The server is back; it already has steps 1-10 of "loss" (the dead logger's last send arrived).
     back = HangingClient()
     back.calls = 1  # answers at once
     back.sent = [type("M", (), {"key": "loss", "step": s})() for s in range(1, 11)]
@@ -85,7 +84,7 @@ def test_an_outage_holds_bounded_memory_close_keeps_its_deadline_and_the_next_lo
 
     monkeypatch.setattr(runlog, "MlflowClient", lambda: back)
     replay = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)
-    assert replay.replayed == 990
+    assert replay.replayed == 1000
     assert replay.close(timeout_s=10)
     sent = [(m.key, m.step) for m in back.sent]
     assert sorted(sent) == sorted([("loss", s) for s in range(1, 501)] + [("lr", s) for s in range(1, 501)])

@@ -70,6 +70,8 @@ def cluster():
     fit in 107 bytes). Token auth is disabled for this throwaway cluster, so that the CLI clients below
     need no token (see architecture.md)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("MLFLOW_TRACKING_URI", "SELFE_HOME"):  # earlier tests in this process may have set them
+        env.pop(name, None)
     temp_dir = tempfile.mkdtemp(prefix="selfe-ray-", dir="/tmp")
     dash = _free_port()
     subprocess.run(

@@ -95,7 +95,8 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_older_one(tmp_path):
     res = _fit(_cfg(tmp_path, "corrupt", "--train.steps=6", *common))
     assert res.error is None and res.metrics["resumed_from"] == -1
     run_dir = tmp_path / "corrupt"
-    latest = max(run_dir.glob("checkpoint_*"), key=lambda p: json.loads((p / "progress.json").read_text())["step"])
+    checkpoints = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    latest = max(checkpoints, key=lambda p: json.loads((p / "progress.json").read_text())["step"])
     shard = next(latest.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     (run_dir / "checkpoint_2000-01-01_00-00-00.000000").mkdir()  # a folder Ray never registered

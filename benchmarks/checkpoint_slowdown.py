@@ -5,6 +5,8 @@
     python benchmarks/checkpoint_slowdown.py none       # no save (the control)
     python benchmarks/checkpoint_slowdown.py optim_torch  # the optimizer state dict through torch.save
     python benchmarks/checkpoint_slowdown.py optim_clone  # dcp.save of a copy of the optimizer state
+    python benchmarks/checkpoint_slowdown.py optim_state  # dcp.save of its tensors only
+    python benchmarks/checkpoint_slowdown.py optim_groups # dcp.save of its param groups only
 
 After each window it lists the threads of this process that used CPU during it (from /proc), so a
 thread left busy by the save shows up by name.
@@ -97,6 +99,14 @@ def main(what: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if what == "optim_torch":
             torch.save(states["optim"](), os.path.join(tmp, "optim.pt"))
+        elif what in ("optim_state", "optim_groups", "optim_steps",
+                                                      "optim_moments"):  # the tensors only / the non-tensor groups only
+            part = "state" if what == "optim_state" else "param_groups"
+            dcp.save({"optim": {part: states["optim"]()[part]}}, checkpoint_id=tmp)
+        elif what in ("optim_steps", "optim_moments"):  # Adam's 0-d step tensors / its two moments
+            keep = (lambda k: k == "step") if what == "optim_steps" else (lambda k: k != "step")
+            state = {p: {k: v for k, v in st.items() if keep(k)} for p, st in states["optim"]()["state"].items()}
+            dcp.save({"optim": {"state": state}}, checkpoint_id=tmp)
         elif what == "optim_clone":
             dcp.save({"optim": tree_map_only(torch.Tensor, torch.clone, states["optim"]())}, checkpoint_id=tmp)
         elif what != "none":
@@ -109,6 +119,7 @@ def main(what: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim", "optim_torch", "optim_clone"):
-        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch|optim_clone")
+    if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim", "optim_torch", "optim_clone", "optim_state", "optim_groups", "optim_steps",
+                                                      "optim_moments"):
+        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch|optim_clone|optim_state|optim_groups|optim_steps|optim_moments")
     sys.exit(main(sys.argv[1]))

@@ -34,6 +34,7 @@ from selfe.data.cache import cache_dir, read_null_text
 from selfe.data.loader import epoch_batches, read_cache_tensors
 from selfe.ema import ema_decay_at, make_ema
 from selfe.objective import SelfEObjective, TextCond
+from selfe.train.checkpoint import save_checkpoint
 from selfe.train.parallel import build_sharded_model
 from selfe.train.step import build_optimizer, train_step
 
@@ -100,13 +101,20 @@ def main(what: str) -> int:
         if what == "optim_torch":
             torch.save(states["optim"](), os.path.join(tmp, "optim.pt"))
         elif what in ("optim_state", "optim_groups", "optim_steps",
-                                                      "optim_moments"):  # the tensors only / the non-tensor groups only
+                                                      "optim_moments", "optim_split", "checkpoint"):  # the tensors only / the non-tensor groups only
             part = "state" if what == "optim_state" else "param_groups"
             dcp.save({"optim": {part: states["optim"]()[part]}}, checkpoint_id=tmp)
         elif what in ("optim_steps", "optim_moments"):  # Adam's 0-d step tensors / its two moments
             keep = (lambda k: k == "step") if what == "optim_steps" else (lambda k: k != "step")
             state = {p: {k: v for k, v in st.items() if keep(k)} for p, st in states["optim"]()["state"].items()}
             dcp.save({"optim": {"state": state}}, checkpoint_id=tmp)
+        elif what == "optim_split":  # the same tensors, steps and moments in two separate dicts
+            st = states["optim"]()["state"]
+            dcp.save({"steps": {p: {"step": v["step"]} for p, v in st.items()},
+                      "moments": {p: {k: t for k, t in v.items() if k != "step"} for p, v in st.items()}},
+                     checkpoint_id=tmp)
+        elif what == "checkpoint":  # the real save_checkpoint (model, EMA, split optimizer state, RNG)
+            save_checkpoint(tmp, model, ema, opt, {"step": step}, g)
         elif what == "optim_clone":
             dcp.save({"optim": tree_map_only(torch.Tensor, torch.clone, states["optim"]())}, checkpoint_id=tmp)
         elif what != "none":
@@ -120,6 +128,6 @@ def main(what: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in ("none", "model", "optim", "optim_torch", "optim_clone", "optim_state", "optim_groups", "optim_steps",
-                                                      "optim_moments"):
-        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch|optim_clone|optim_state|optim_groups|optim_steps|optim_moments")
+                                                      "optim_moments", "optim_split", "checkpoint"):
+        sys.exit("usage: python benchmarks/checkpoint_slowdown.py none|model|optim|optim_torch|optim_clone|optim_state|optim_groups|optim_steps|optim_moments|optim_split|checkpoint")
     sys.exit(main(sys.argv[1]))

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 from selfe.model import ModelConfig, build_model
 from selfe.train.checkpoint import (
-    UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, verify_checkpoint,
+    UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, split_optimizer_state, verify_checkpoint,
 )
 from selfe.train.resume import remove_unregistered, restore_first_usable
 from selfe.train.step import build_optimizer
@@ -68,8 +68,9 @@ def test_round_trip_restores_weights_optimizer_and_every_rng(tmp_path):
     assert got[2] == expected[2] and torch.equal(got[3], expected[3])
     for a, b in zip(model.parameters(), m2.parameters()):
         assert torch.equal(a, b)
-    p0 = next(model.parameters())
-    assert torch.equal(opt.state[p0]["exp_avg"], o2.state[next(m2.parameters())]["exp_avg"])
+    for p, q in zip(model.parameters(), m2.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], o2.state[q][key]), key
     assert o2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
@@ -89,7 +90,7 @@ def test_a_code_running_param_group_is_refused_and_nothing_runs(tmp_path):
     """DCP stores non-tensor values (the optimiser's param groups) as torch.save'd bytes."""
     model, ema, opt = _trained()
     marker = tmp_path / "pwned"
-    optim_state = get_optimizer_state_dict(model, opt)
+    optim_state = split_optimizer_state(get_optimizer_state_dict(model, opt))
     optim_state["param_groups"][0]["lr"] = RunsCode(str(marker))
     state = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema), "optim": optim_state}
     dcp.save(state, checkpoint_id=str(tmp_path))

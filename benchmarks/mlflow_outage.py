@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fault_recovery import mlflow_server  # noqa: E402  (the same server start as the fault benchmark)
 
 
 def _rss_mb() -> float:
@@ -35,23 +37,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _server(port: int, db: Path, art: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root", art.as_uri(), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("mlflow server did not start")
-
-
 def _kill(proc: subprocess.Popen) -> None:
-    """Kill the server and its workers (they hold the port if only the parent dies)."""
+    """Kill the server and its workers (they hold the port if only the parent dies; the server runs
+    in its own session)."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
 
@@ -77,7 +65,7 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
-    server = _server(port, work / "mlflow.db", work / "art")
+    server = mlflow_server(work / "mlflow.db", port)
     mlflow.set_tracking_uri(uri)
     run_id = MlflowClient().create_run(MlflowClient().create_experiment("outage")).info.run_id
     logger = RunLogger(run_id, spool_dir=work / "spool", retry_s=5.0)
@@ -101,7 +89,7 @@ def main() -> int:
         log_for(10.0)
         peak_rss = max(peak_rss, _rss_mb())
     backlog = logger.pending
-    server = _server(port, work / "mlflow.db", work / "art")
+    server = mlflow_server(work / "mlflow.db", port)
     t_up = time.time()
     log_for(args.after_s)  # training goes on; the sender catches up meanwhile
     logger.flush(timeout_s=1800)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfe.cli import OneLineParser, finite_float, int_in, fail, load_model_or_fail, missing_sqlite_store, model_ref  # noqa: E402
+from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref  # noqa: E402
 from selfe.sampling import MAX_STEPS  # noqa: E402
 
 
@@ -38,15 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
 
     from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
-    from selfe.tracking import resolve_tracking_uri
 
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    uri = resolve_tracking_uri()
-    if not Path(args.model).is_dir() and (problem := missing_sqlite_store(uri)):
-        return fail(problem)
-    mlflow.set_tracking_uri(uri)
-    gen = load_model_or_fail(args.model)
+    gen = load_model_or_fail(args.model, args.tracking_uri)
     if gen is None:
         return 2
     records = select_prompts(args.prompt_set, args.max_per_task)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from selfe.cli import OneLineParser, finite_float, int_in, fail, load_model_or_fail, missing_sqlite_store, model_ref, utf8_text  # noqa: E402
+from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref, utf8_text  # noqa: E402
 from selfe.sampling import MAX_STEPS  # noqa: E402
 
 
@@ -34,17 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = ap.parse_args(argv)
 
-    import mlflow
+    from selfe.tracking import grid_image, png_bytes
 
-    from selfe.tracking import grid_image, png_bytes, resolve_tracking_uri
-
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    uri = resolve_tracking_uri()
-    if not Path(args.model).is_dir() and (problem := missing_sqlite_store(uri)):
-        return fail(problem)
-    mlflow.set_tracking_uri(uri)
-    gen = load_model_or_fail(args.model)
+    gen = load_model_or_fail(args.model, args.tracking_uri)
     if gen is None:
         return 2
     prompts = [p for p in args.prompt for _ in range(args.num)]

@@ -96,13 +96,25 @@ def missing_sqlite_store(uri: str) -> str | None:
     return None
 
 
-def load_model_or_fail(ref: str):
-    """``selfe.registry.load_model_ref`` with registry and file errors as one line (None after
-    printing it)."""
+def load_model_or_fail(ref: str, tracking_uri: str | None = None):
+    """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI or ./mlflow.db) and load ``ref``
+    with ``selfe.registry.load_model_ref``. A missing store, registry miss or unreadable model is
+    printed as one line and gives None."""
+    import os
+
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     from selfe.registry import load_model_ref
+    from selfe.tracking import resolve_tracking_uri
 
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    uri = resolve_tracking_uri()
+    if not Path(ref).is_dir() and (problem := missing_sqlite_store(uri)):
+        fail(problem)
+        return None
+    mlflow.set_tracking_uri(uri)
     try:
         return load_model_ref(ref)
     except (MlflowException, OSError, ValueError) as e:

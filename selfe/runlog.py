@@ -153,9 +153,9 @@ class RunLogger:
         """Wait up to ``timeout_s`` for everything logged to be delivered; True when it was."""
         deadline = time.time() + timeout_s
         self._wake.set()
-        while self.pending and time.time() < deadline:
+        while self._offset < self.spool.stat().st_size and time.time() < deadline:  # no re-read of the spool
             time.sleep(0.05)
-        return not self.pending
+        return self._offset >= self.spool.stat().st_size
 
     def close(self, timeout_s: float = 60.0) -> bool:
         """Deliver for up to ``timeout_s``, then stop; returns within the deadline whatever the

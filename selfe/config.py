@@ -75,6 +75,10 @@ class DataConfig:
     """Rows in each training worker's shuffle buffer, reshuffled every epoch with a seed from (train.seed,
     epoch, rank); 0 reads the cache in its stored order. A buffer at least as large as a worker's shard
     is a full shuffle. Memory: rows x row size (about 18 KB for the shapes world). [ours]"""
+    verify_cache: str = "sha256"
+    """What a cache hit checks of every file the manifest lists: "sha256" (size and content: reads the
+    whole cache once per job start, ~0.1 s for the shapes cache) or "size" (a listing only: catches
+    missing and truncated files, not same-size damage; for multi-TB caches on S3). [ours]"""
     min_image_size: int = 16
     """Images whose shorter side is smaller are skipped and counted."""
     encode_batch_size: int = 64
@@ -100,6 +104,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"data.resolution must be a multiple of 8 and >= 8, got {self.resolution}")
+        if self.verify_cache not in ("sha256", "size"):
+            raise ConfigError(f"data.verify_cache must be sha256 or size, got {self.verify_cache!r}")
         if self.shuffle_buffer_rows < 0:
             raise ConfigError(f"data.shuffle_buffer_rows must be >= 0, got {self.shuffle_buffer_rows}")
         if self.num_samples < 1 or self.encode_batch_size < 1 or self.encode_actors < 1:
@@ -286,13 +292,14 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "model": {**MODEL_PRESETS["0.5b"], "in_channels": 16, "text_width": 4096, "pooled_width": 4096},
         "codec": {"kind": "autoencoder_kl"},
         # T5-XXL token rows are ~4 MB each: a 512-row shuffle buffer holds ~2 GB per worker.
-        "data": {"shuffle_buffer_rows": 512},
+        # Hashing a multi-TB cache at every job start would download it: sizes only.
+        "data": {"shuffle_buffer_rows": 512, "verify_cache": "size"},
         "train": {"use_gpu": True, "batch_size": 256, "steps": 300_000},
     },
     "2b": {
         "model": {**MODEL_PRESETS["2b"], "in_channels": 16, "text_width": 4096, "pooled_width": 4096},
         "codec": {"kind": "autoencoder_kl"},
-        "data": {"shuffle_buffer_rows": 512},
+        "data": {"shuffle_buffer_rows": 512, "verify_cache": "size"},
         "train": {"use_gpu": True, "batch_size": 512, "steps": 710_000, "activation_checkpointing": True},
     },
 }

@@ -6,6 +6,7 @@ images, WebDataset tars, Parquet files, and deliberately broken records of every
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -185,6 +186,17 @@ def test_concurrent_builds_commit_one_build_and_force_keeps_readers_whole(
     victim.write_bytes(victim.read_bytes()[:100])
     _, rebuilt = build_cache(cfg)
     assert rebuilt["build"] not in (first["build"], forced["build"]) and len(rows_of(path, cfg)) == 24
+
+    # Same-size damage: a size check is fooled, the default sha256 check is not.
+    victim = Path(path) / rebuilt["files"][0]
+    assert rebuilt["file_sha256"][rebuilt["files"][0]] == hashlib.sha256(victim.read_bytes()).hexdigest()
+    damaged = bytearray(victim.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    victim.write_bytes(bytes(damaged))
+    _, sized = build_cache(make_cfg(tmp_path, "--data.num_samples=24", "--data.verify_cache=size"))
+    assert sized["build"] == rebuilt["build"]
+    _, hashed = build_cache(cfg)
+    assert hashed["build"] != rebuilt["build"] and len(rows_of(path, cfg)) == 24
 
 
 @pytest.mark.slow

@@ -5,13 +5,13 @@ Layout of one cache, ``<data.cache_root>/<cache_key(cfg)>/`` (a local folder or 
     builds/<build id>/data/*.parquet         latent f16 (C, h, w) | text_tokens f16 (L, D) | text_mask
                                              bool (L,) | text_pooled f16 (Dp,) | caption str | spec str
     builds/<build id>/null_text.safetensors  the text encoder's embedding of "" (tokens, mask, pooled)
-    manifest.json                            written last: the commit; lists the build's files and sizes
+    manifest.json                            written last: the commit; lists the build's files, sizes, sha256
 
 Each build writes into its own folder, under a lock (``selfe.data.cachelock``), and commits by
-writing the manifest, which names only that build's files. A concurrent or interrupted build never
-adds rows to a committed cache; a hit checks every listed file's size, so a truncated file means a
-rebuild. A forced rebuild leaves the previous build readable for ``SUPERSEDED_KEEP_S`` (jobs may
-still be reading it); later builds delete it, and delete interrupted builds at once.
+writing the manifest, which names only that build's files and their sizes and sha256. A concurrent
+or interrupted build never adds rows to a committed cache; a hit checks every listed file's size and
+(``data.verify_cache="sha256"``) content, so a truncated or corrupted file means a rebuild. A forced
+rebuild leaves the previous build readable for ``SUPERSEDED_KEEP_S`` (jobs may still be reading it); later builds delete it, and delete interrupted builds at once.
 
 The key hashes everything that changes the rows (source, resolution, codecs and their weights,
 ``max_tokens``, ...) but not how the job runs (batch size, actor count). It hashes the source's
@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 from selfe.config import Config
 from selfe.configtools import ConfigError
 from selfe.data.cachelock import build_lock
+from selfe.data.integrity import damaged_files, fingerprint
 from selfe.data.sources import (
     byte_source_dataset,
     check_location,
@@ -190,22 +191,18 @@ def load_cache(path: str, cfg: Config) -> Any:
     return ray.data.read_parquet(files, filesystem=fs, partitioning=None)
 
 
-def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpoint: str) -> dict | None:
+def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpoint: str, verify: str) -> dict | None:
     """The manifest if the cache at ``root`` is complete and belongs to ``key``, else None.
-    Complete: every listed file exists with the size the manifest records."""
+    Complete: every listed file exists with the size (and, ``verify="sha256"``, the hash) the manifest records."""
     try:
         manifest = read_manifest(uri, endpoint)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if manifest.get("cache_key") != key or manifest.get("format_version") != FORMAT_VERSION:
         return None
-    sizes = {}
-    for folder in {posixpath.dirname(name) for name in manifest["file_sizes"]}:
-        listing = fs.get_file_info(pafs.FileSelector(posixpath.join(root, folder), allow_not_found=True))
-        sizes.update({posixpath.relpath(i.path, root): i.size for i in listing})
-    wrong = [name for name, size in manifest["file_sizes"].items() if sizes.get(name) != size]
+    wrong = damaged_files(fs, root, manifest, verify)
     if wrong:
-        log.warning("cache %s is damaged (%d file(s) missing or of the wrong size, e.g. %s): rebuilding it",
+        log.warning("cache %s is damaged (%d file(s) missing or of the wrong size or sha256, e.g. %s): rebuilding it",
                     uri, len(wrong), wrong[0])
         return None
     return manifest
@@ -227,7 +224,7 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
     key, out = cache_key(cfg), cache_dir(cfg)
     check_location(data.cache_root, endpoint, "data.cache_root", must_exist=False)
     fs, root = filesystem_for(out, endpoint)
-    if not force and (manifest := _complete_manifest(fs, root, out, key, endpoint)):
+    if not force and (manifest := _complete_manifest(fs, root, out, key, endpoint, data.verify_cache)):
         print(f"cache hit: {out} ({manifest['rows']} rows); nothing to do")
         return out, manifest
 
@@ -242,7 +239,7 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(posixpath.dirname(root), recursive=True)  # an unwritable cache_root fails here, not later
     with build_lock(out, endpoint):
-        if not force and (manifest := _complete_manifest(fs, root, out, key, endpoint)):
+        if not force and (manifest := _complete_manifest(fs, root, out, key, endpoint, data.verify_cache)):
             print(f"cache hit: {out} ({manifest['rows']} rows), built meanwhile by another job; nothing to do")
             return out, manifest
         return _build(cfg, fs, root, out, key, source_format, source, num_cpus)
@@ -382,6 +379,7 @@ def _finish(
         "build": posixpath.basename(build_root),
         "files": [posixpath.relpath(path, root) for path in files],
         "file_sizes": {posixpath.relpath(path, root): written[path] for path in files},
+        "file_sha256": fingerprint(fs, root, [posixpath.relpath(path, root) for path in files]),
         "null_text": posixpath.relpath(posixpath.join(build_root, NULL_TEXT), root),
         "superseded": superseded,
         "columns": {

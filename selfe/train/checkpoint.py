@@ -187,6 +187,15 @@ def join_optimizer_state(saved: dict) -> dict:
     return {"state": state, "param_groups": saved["param_groups"]}
 
 
+def _single_process() -> bool:
+    """True without a process group or in a group of one: DCP then runs without collectives.
+
+    Why: in a one-worker Ray Train job, DCP's gloo collectives (plan gathering) slowed every later
+    CPU training step by ~35% (43-57 -> 22-37 img/s after a step-250 checkpoint; 40-51 after it with
+    ``no_dist``; docs/benchmarks.md). A one-rank group has nothing to coordinate, so skip them."""
+    return not dist.is_initialized() or dist.get_world_size() == 1
+
+
 def _digest(path: Path) -> dict:
     sha = hashlib.sha256()
     with path.open("rb") as fh:
@@ -216,7 +225,7 @@ def save_checkpoint(
         "ema": get_model_state_dict(ema),
         "optim": split_optimizer_state(get_optimizer_state_dict(model, optimizer)),
     }
-    dcp.save(state, checkpoint_id=str(path))
+    dcp.save(state, checkpoint_id=str(path), no_dist=_single_process())
     rank = _rank()
     tensors, metadata = rng_state(generator)
     save_file(tensors, str(_rng_file(path, rank)), metadata=metadata)
@@ -273,7 +282,7 @@ def load_checkpoint(
         "ema": get_model_state_dict(ema),
         "optim": split_optimizer_state(get_optimizer_state_dict(model, optimizer)),
     }
-    _dcp_load(state, path)
+    _dcp_load(state, path, no_dist=_single_process())
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, optimizer, join_optimizer_state(state["optim"]))

@@ -77,7 +77,7 @@ class DataConfig:
     is a full shuffle. Memory: rows x row size (about 18 KB for the shapes world). [ours]"""
     verify_cache: str = "sha256"
     """What a cache hit checks of every file the manifest lists: "sha256" (size and content: reads the
-    whole cache once per job start, ~0.1 s for the shapes cache) or "size" (a listing only: catches
+    whole cache once per job start: 0.18 s for the 54 MB shapes cache) or "size" (a listing only: catches
     missing and truncated files, not same-size damage; for multi-TB caches on S3). [ours]"""
     min_image_size: int = 16
     """Images whose shorter side is smaller are skipped and counted."""

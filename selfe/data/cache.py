@@ -11,7 +11,8 @@ Each build writes into its own folder, under a lock (``selfe.data.cachelock``), 
 writing the manifest, which names only that build's files and their sizes and sha256. A concurrent
 or interrupted build never adds rows to a committed cache; a hit checks every listed file's size and
 (``data.verify_cache="sha256"``) content, so a truncated or corrupted file means a rebuild. A forced
-rebuild leaves the previous build readable for ``SUPERSEDED_KEEP_S`` (jobs may still be reading it); later builds delete it, and delete interrupted builds at once.
+rebuild leaves the previous build readable for ``SUPERSEDED_KEEP_S`` (jobs may still be reading
+it); later builds delete it, and delete interrupted builds at once.
 
 The key hashes everything that changes the rows (source, resolution, codecs and their weights,
 ``max_tokens``, ...) but not how the job runs (batch size, actor count). It hashes the source's
@@ -191,9 +192,12 @@ def load_cache(path: str, cfg: Config) -> Any:
     return ray.data.read_parquet(files, filesystem=fs, partitioning=None)
 
 
-def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpoint: str, verify: str) -> dict | None:
+def _complete_manifest(
+    fs: pafs.FileSystem, root: str, uri: str, key: str, endpoint: str, verify: str
+) -> dict | None:
     """The manifest if the cache at ``root`` is complete and belongs to ``key``, else None.
-    Complete: every listed file exists with the size (and, ``verify="sha256"``, the hash) the manifest records."""
+    Complete: every listed file exists with the size (and, ``verify="sha256"``, the hash) the
+    manifest records."""
     try:
         manifest = read_manifest(uri, endpoint)
     except (FileNotFoundError, json.JSONDecodeError):
@@ -202,8 +206,8 @@ def _complete_manifest(fs: pafs.FileSystem, root: str, uri: str, key: str, endpo
         return None
     wrong = damaged_files(fs, root, manifest, verify)
     if wrong:
-        log.warning("cache %s is damaged (%d file(s) missing or of the wrong size or sha256, e.g. %s): rebuilding it",
-                    uri, len(wrong), wrong[0])
+        log.warning("cache %s is damaged (%d file(s) missing, or of the wrong size or sha256, e.g. %s): "
+                    "rebuilding it", uri, len(wrong), wrong[0])
         return None
     return manifest
 

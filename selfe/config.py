@@ -258,9 +258,13 @@ class Config:
                     raise ConfigError(str(e)) from e
         if not 0.0 <= self.anneal_fraction <= 1.0:
             raise ConfigError(f"anneal_fraction must be in [0, 1], got {self.anneal_fraction}")
-        if self.codec.kind == "pixels" and self.data.resolution % self.model.patch_size:
+        if self.codec.pixel_downsample < 1:
+            raise ConfigError(f"codec.pixel_downsample must be >= 1, got {self.codec.pixel_downsample}")
+        f = self.codec.pixel_downsample if self.codec.kind == "pixels" else 1
+        if self.codec.kind == "pixels" and self.data.resolution % (f * self.model.patch_size):
             raise ConfigError(
-                f"data.resolution={self.data.resolution} must be divisible by model.patch_size={self.model.patch_size}"
+                f"data.resolution={self.data.resolution} must be divisible by codec.pixel_downsample={f} x "
+                f"model.patch_size={self.model.patch_size}"
             )
         if self.sampler.shift_base_len != self.objective.shift_base_len:
             raise ConfigError("sampler.shift_base_len must equal objective.shift_base_len (same time shift)")

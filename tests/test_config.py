@@ -74,3 +74,12 @@ def test_dotted_override_sets_one_mapping_entry():
     assert cfg.train.worker_resources == {"trainer": 1.0} and cfg.data.task_weights == {"counting": 2.0}
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(overrides=["--data.task_weights.counting=lots"])
+
+
+def test_pixel_downsample_needs_a_resolution_it_and_the_patch_divide() -> None:
+    with pytest.raises(ConfigError, match="must be divisible by codec.pixel_downsample=3 x model.patch_size=4"):
+        load_config(overrides=["--codec.pixel_downsample=3"])
+    with pytest.raises(ConfigError, match="codec.pixel_downsample must be >= 1"):
+        load_config(overrides=["--codec.pixel_downsample=0"])
+    cfg = load_config(overrides=["--codec.pixel_downsample=2", "--model.patch_size=2"])
+    assert cfg.codec.pixel_downsample == 2

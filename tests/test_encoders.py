@@ -396,3 +396,23 @@ def test_uint8_images_round_trip_exactly() -> None:
     assert np.array_equal(tensor_to_images(images_to_tensor(back)), back)  # (B, H, W, 3) array input
     with pytest.raises(ValueError, match="uint8"):
         images_to_tensor([pixels.astype(np.float32)])
+
+
+def test_pixel_codec_with_downsample_pools_and_scales_back() -> None:
+    from selfe.data.shapes import generate_one
+    from selfe.data.shapes_spec import ShapesConfig
+    from selfe.encoders.image import images_to_tensor, tensor_to_images
+    from selfe.eval.geneval_lite import score
+
+    codec = PixelCodec(downsample=2)
+    assert codec.id == "pixels/2" and codec.downsample == 2 and PixelCodec().id == "pixels"
+    image, _, spec = generate_one(3, 0, ShapesConfig(resolution=32))
+    x = images_to_tensor([image])
+    latent = codec.encode(x)
+    assert latent.shape == (1, 3, 16, 16)
+    assert torch.allclose(latent[0, :, 0, 0], x[0, :, :2, :2].mean(dim=(1, 2)))  # a 2x2 average
+    back = codec.decode(latent)
+    assert back.shape == x.shape and back.abs().max() <= 1
+    assert score(tensor_to_images(back)[0], spec)[0]  # the round trip keeps what the scorer needs
+    with pytest.raises(ValueError, match="pixel_downsample must be >= 1"):
+        PixelCodec(downsample=0)

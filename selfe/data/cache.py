@@ -96,6 +96,8 @@ def cache_key(cfg: Config) -> str:
             "scale": codec.scale,
             "shift": codec.shift,
             "sample": codec.sample,
+            # Only when set, so that the keys of existing caches stay as they were.
+            **({"pixel_downsample": codec.pixel_downsample} if codec.pixel_downsample != 1 else {}),
         },
         "text_encoder": _model_identity(cfg.text.name),
         "max_tokens": cfg.text.max_tokens,
@@ -419,7 +421,7 @@ def _source_params(cfg: Config, source_format: str) -> dict:
 
 def _rows_per_file(cfg: Config) -> int:
     """Rows per Parquet file for ~64 MB files, estimated from the model's input widths."""
-    side = cfg.data.resolution // (1 if cfg.codec.kind == "pixels" else 8)
+    side = cfg.data.resolution // (cfg.codec.pixel_downsample if cfg.codec.kind == "pixels" else 8)
     row_bytes = 2 * (cfg.model.in_channels * side * side + cfg.text.max_tokens * cfg.model.text_width + cfg.model.pooled_width)
     return max(1, _TARGET_FILE_BYTES // (row_bytes + cfg.text.max_tokens))
 

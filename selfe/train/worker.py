@@ -77,7 +77,8 @@ class WorkerLoop:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.resumed_from = -1  # the step of the checkpoint this run resumed from (reported, for tests)
         self.per_worker = t.batch_size // self.world
-        self.n_img = (cfg.data.resolution // cfg.model.patch_size) ** 2 if cfg.codec.kind == "pixels" else None
+        side = cfg.data.resolution // cfg.codec.pixel_downsample
+        self.n_img = (side // cfg.model.patch_size) ** 2 if cfg.codec.kind == "pixels" else None
         self.peak = device_peak_flops(self.device, "bf16" if mp_dtype else "fp32")
         # Share of each parameter this rank stores (about 1 / world under FSDP).
         self.param_fraction = float(np.mean(list(local_fraction(self.model).values())))

@@ -32,11 +32,11 @@ from torch.utils._pytree import tree_map_only
 from selfe.config import load_config
 from selfe.data.cache import cache_dir, read_null_text
 from selfe.data.loader import epoch_batches, read_cache_tensors
-from selfe.ema import ema_decay_at, make_ema
-from selfe.objective import SelfEObjective, TextCond
+from selfe.core.ema import ema_decay_at, make_ema
+from selfe.core.objective import SelfEObjective
 from selfe.train.checkpoint import save_checkpoint
 from selfe.train.parallel import build_sharded_model
-from selfe.train.step import build_optimizer, train_step
+from selfe.train.step import Trainee, build_optimizer, train_step
 
 
 def thread_cpu() -> dict[str, float]:
@@ -60,6 +60,30 @@ def busy_threads(before: dict[str, float], after: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}s" for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.05)
 
 
+def save(what: str, tmp: str, states: dict, checkpoint) -> None:
+    """The save under test, written to ``tmp``."""
+    if what == "optim_torch":
+        torch.save(states["optim"](), os.path.join(tmp, "optim.pt"))
+    elif what in ("optim_state", "optim_groups"):  # the tensors only / the non-tensor groups only
+        part = "state" if what == "optim_state" else "param_groups"
+        dcp.save({"optim": {part: states["optim"]()[part]}}, checkpoint_id=tmp)
+    elif what in ("optim_steps", "optim_moments"):  # Adam's 0-d step tensors / its two moments
+        keep = (lambda k: k == "step") if what == "optim_steps" else (lambda k: k != "step")
+        state = {p: {k: v for k, v in st.items() if keep(k)} for p, st in states["optim"]()["state"].items()}
+        dcp.save({"optim": {"state": state}}, checkpoint_id=tmp)
+    elif what == "optim_split":  # the same tensors, steps and moments in two separate dicts
+        st = states["optim"]()["state"]
+        dcp.save({"steps": {p: {"step": v["step"]} for p, v in st.items()},
+                  "moments": {p: {k: t for k, t in v.items() if k != "step"} for p, v in st.items()}},
+                 checkpoint_id=tmp)
+    elif what == "checkpoint":  # the real save_checkpoint (model, EMA, split optimizer state, RNG)
+        checkpoint()
+    elif what == "optim_clone":
+        dcp.save({"optim": tree_map_only(torch.Tensor, torch.clone, states["optim"]())}, checkpoint_id=tmp)
+    elif what != "none":
+        dcp.save({what: states[what]()}, checkpoint_id=tmp)
+
+
 def main(what: str) -> int:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -67,23 +91,21 @@ def main(what: str) -> int:
     torch.set_num_threads(2)
     cfg = load_config()
     t, b = cfg.train, cfg.train.batch_size
-    model = build_sharded_model(cfg.model, torch.device("cpu"), t.seed, t.fsdp, None, False)
-    ema = make_ema(model, build_sharded_model(cfg.model, torch.device("cpu"), t.seed, t.fsdp, None))
-    opt = build_optimizer(model, cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay)
-    objective = SelfEObjective(cfg.objective)
+    model = build_sharded_model(cfg.model, t, torch.device("cpu"))
+    ema = make_ema(model, build_sharded_model(cfg.model, t, torch.device("cpu")))
     cache = cache_dir(cfg)
-    null = read_null_text(cache)
-    null_cond = TextCond(null["tokens"], null["mask"], null["pooled"])
-    batches = epoch_batches(read_cache_tensors(cache), b, t.seed)
-    g = torch.Generator().manual_seed(0)
+    null_cond = read_null_text(cache)
+    rows = read_cache_tensors(cache)
+    objective = SelfEObjective(cfg.objective, cfg.model.num_tokens(*rows["latent"].shape[-2:]))
+    tr = Trainee(model, ema, objective, build_optimizer(model, cfg.optim), 1.0, None, torch.Generator().manual_seed(0))
+    batches = epoch_batches(rows, b, t.seed)
     step = 0
 
     def images_per_s(n: int) -> float:
         nonlocal step
         t0 = time.perf_counter()
         for _ in range(n):
-            train_step(model, ema, objective, opt, next(batches), null_cond, step, cfg.optim.lr, 1.0,
-                       ema_decay_at(step, cfg.ema, b), None, g)
+            train_step(tr, next(batches), null_cond, step, cfg.optim.lr, ema_decay_at(step, cfg.ema, b))
             step += 1
         return b * n / (time.perf_counter() - t0)
 
@@ -95,30 +117,10 @@ def main(what: str) -> int:
 
     images_per_s(20)  # warm-up
     before = [window() for _ in range(2)]
-    states = {"model": lambda: get_model_state_dict(model), "optim": lambda: get_optimizer_state_dict(model, opt)}
+    states = {"model": lambda: get_model_state_dict(model), "optim": lambda: get_optimizer_state_dict(model, tr.optimizer)}
     census = thread_cpu()
     with tempfile.TemporaryDirectory() as tmp:
-        if what == "optim_torch":
-            torch.save(states["optim"](), os.path.join(tmp, "optim.pt"))
-        elif what in ("optim_state", "optim_groups", "optim_steps",
-                                                      "optim_moments", "optim_split", "checkpoint"):  # the tensors only / the non-tensor groups only
-            part = "state" if what == "optim_state" else "param_groups"
-            dcp.save({"optim": {part: states["optim"]()[part]}}, checkpoint_id=tmp)
-        elif what in ("optim_steps", "optim_moments"):  # Adam's 0-d step tensors / its two moments
-            keep = (lambda k: k == "step") if what == "optim_steps" else (lambda k: k != "step")
-            state = {p: {k: v for k, v in st.items() if keep(k)} for p, st in states["optim"]()["state"].items()}
-            dcp.save({"optim": {"state": state}}, checkpoint_id=tmp)
-        elif what == "optim_split":  # the same tensors, steps and moments in two separate dicts
-            st = states["optim"]()["state"]
-            dcp.save({"steps": {p: {"step": v["step"]} for p, v in st.items()},
-                      "moments": {p: {k: t for k, t in v.items() if k != "step"} for p, v in st.items()}},
-                     checkpoint_id=tmp)
-        elif what == "checkpoint":  # the real save_checkpoint (model, EMA, split optimizer state, RNG)
-            save_checkpoint(tmp, model, ema, opt, {"step": step}, g)
-        elif what == "optim_clone":
-            dcp.save({"optim": tree_map_only(torch.Tensor, torch.clone, states["optim"]())}, checkpoint_id=tmp)
-        elif what != "none":
-            dcp.save({what: states[what]()}, checkpoint_id=tmp)
+        save(what, tmp, states, lambda: save_checkpoint(tmp, model, ema, tr.optimizer, {"step": step}, tr.generator))
     print(f"  the save: threads busy: {busy_threads(census, thread_cpu())}", flush=True)
     after = [window() for _ in range(2)]
     print(f"save {what}: img/s before {before[0]:.1f}, {before[1]:.1f}; after {after[0]:.1f}, {after[1]:.1f}")

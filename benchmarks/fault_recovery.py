@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 NODE = {"num_cpus": 1, "resources": {"trainer": 1}}
 TRAIN_FAULTS = ("worker_kill", "node_loss", "driver_kill", "corrupt_checkpoint")
@@ -89,7 +88,7 @@ def wait_for_step(db: Path, name: str, step: int, proc: subprocess.Popen, timeou
 
 
 def checkpoints_complete(run_dir: Path, model_cfg) -> tuple[bool, list[int]]:
-    from selfe.model import build_model
+    from selfe.core.model import build_model
     from selfe.train.checkpoint import is_complete, load_weights
 
     ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
@@ -250,6 +249,28 @@ def run_mlflow_outage(cluster, work: Path, steps: int, every: int, at: int, outa
             "every_step_logged": logged == list(range(1, steps + 1)), "job_s": round(time.time() - t_start, 1)}
 
 
+def print_table(results: list[dict], steps: int) -> None:
+    """The results as the markdown table of docs/benchmarks.md."""
+    print("\n| fault | step at fault | resumed from | steps lost | time to recover | fault → job end | "
+          "finished | checkpoints complete |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['fault']} | failed: {r['error']} |")
+        elif r["fault"] == "mlflow_outage":
+            print(f"| mlflow_outage | — | — | 0 (steps trained while down: {r['steps_trained_while_down']}; every step "
+                  f"logged: {r['every_step_logged']}) | backlog in {r['backlog_delivered_s_after_restart']} s after the "
+                  f"server returned ({r['outage_s']} s outage) | — | rc {r['exit_code']} | — |")
+        elif r["fault"] == "preprocess_kill":
+            print(f"| preprocess_kill | — | — | 0 rows (rows {r['rows']}/{r['rows_expected']}, identical to the "
+                  f"uninterrupted run: {r['identical_rows']}) | rerun {r['rerun_s']} s (clean run {r['clean_run_s']} s) | "
+                  f"{r['rerun_s']} s | rc {r['exit_code']} | — |")
+        else:
+            print(f"| {r['fault']} | {r['step_at_fault']} | {r['resumed_from']} | {r['steps_lost']} | {r['recover_s']} s | "
+                  f"{r['fault_to_end_s']} s | step {r['final_step']}/{steps}, rc {r['exit_code']} | "
+                  f"{r['checkpoints_complete']} {r['checkpoint_steps']} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faults", default=",".join(ALL_FAULTS))
@@ -293,24 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print("\n| fault | step at fault | resumed from | steps lost | time to recover | fault → job end | "
-          "finished | checkpoints complete |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if "error" in r:
-            print(f"| {r['fault']} | failed: {r['error']} |")
-        elif r["fault"] == "mlflow_outage":
-            print(f"| mlflow_outage | — | — | 0 (steps trained while down: {r['steps_trained_while_down']}; every step "
-                  f"logged: {r['every_step_logged']}) | backlog in {r['backlog_delivered_s_after_restart']} s after the "
-                  f"server returned ({r['outage_s']} s outage) | — | rc {r['exit_code']} | — |")
-        elif r["fault"] == "preprocess_kill":
-            print(f"| preprocess_kill | — | — | 0 rows (rows {r['rows']}/{r['rows_expected']}, identical to the "
-                  f"uninterrupted run: {r['identical_rows']}) | rerun {r['rerun_s']} s (clean run {r['clean_run_s']} s) | "
-                  f"{r['rerun_s']} s | rc {r['exit_code']} | — |")
-        else:
-            print(f"| {r['fault']} | {r['step_at_fault']} | {r['resumed_from']} | {r['steps_lost']} | {r['recover_s']} s | "
-                  f"{r['fault_to_end_s']} s | step {r['final_step']}/{args.steps}, rc {r['exit_code']} | "
-                  f"{r['checkpoints_complete']} {r['checkpoint_steps']} |")
+    print_table(results, args.steps)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if all(r["exit_code"] == 0 for r in results) else 1

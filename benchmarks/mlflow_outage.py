@@ -3,7 +3,7 @@
     python benchmarks/mlflow_outage.py --outage-min 10 --rate 200
 
 Starts a real ``mlflow server`` (SQLite) on 127.0.0.1, creates a run, and logs ``--rate`` metrics per
-second through ``selfe.runlog.RunLogger`` with MLflow's default HTTP retries, as a training loop would.
+second through ``selfe.tracking.runlog.RunLogger`` with MLflow's default HTTP retries, as a training loop would.
 After a minute the server is killed for ``--outage-min`` minutes while logging goes on; it is then
 restarted and logging continues for ``--after-s``. Prints, as JSON: the process's resident memory
 before and at the end of the outage, the backlog then, the time from the server's return until the
@@ -25,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_recovery import mlflow_server  # noqa: E402  (the same server start as the fault benchmark)
+from fault_recovery import mlflow_server  # the same server start as the fault benchmark
 
 
 def _rss_mb() -> float:
@@ -44,21 +43,36 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
-def main() -> int:
+def _close_while_down(run_id: str, spool_dir: Path, close_s: float) -> float:
+    """Seconds ``close(close_s)`` of a fresh logger with a backlog takes while the server is down."""
+    from selfe.tracking.runlog import RunLogger
+
+    down = RunLogger(run_id, spool_dir=spool_dir, retry_s=1.0)
+    for i in range(100):
+        down.log_metrics({"x": float(i)}, i)
+    t_close = time.time()
+    down.close(timeout_s=close_s)
+    return time.time() - t_close
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--outage-min", type=float, default=10.0)
     ap.add_argument("--rate", type=float, default=200.0, help="metrics per second (10 keys per log call)")
     ap.add_argument("--before-s", type=float, default=60.0, help="logging before the outage")
     ap.add_argument("--close-s", type=float, default=60.0, help="close() deadline")
     ap.add_argument("--after-s", type=float, default=30.0, help="logging after the server returns")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = _args()
     for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         os.environ.pop(name, None)  # MLflow's defaults
-
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from selfe.runlog import RunLogger
+    from selfe.tracking.runlog import RunLogger
 
     work = Path(tempfile.mkdtemp(prefix="mlflow-outage-"))
     with socket.socket() as s:
@@ -98,14 +112,8 @@ def main() -> int:
     logger.close(timeout_s=args.close_s)
     close_up_s = time.time() - t_close
     history = {k: len(MlflowClient().get_metric_history(run_id, k)) for k in keys}
-    # close() with the server down: a fresh logger with a backlog, server killed again.
-    _kill(server)
-    down = RunLogger(run_id, spool_dir=work / "spool2", retry_s=1.0)  # a fresh logger, server gone
-    for i in range(100):
-        down.log_metrics({"x": float(i)}, i)
-    t_close = time.time()
-    down.close(timeout_s=args.close_s)
-    close_down_s = time.time() - t_close
+    _kill(server)  # close() with the server down
+    close_down_s = _close_while_down(run_id, work / "spool2", args.close_s)
     print(json.dumps({
         "outage_min": args.outage_min, "rate_per_s": args.rate, "logged": logged,
         "rss_mb_before_outage": round(rss_before, 1), "rss_mb_peak_in_outage": round(peak_rss, 1),

@@ -35,7 +35,6 @@ def train(cfg, minutes: float, save_dir: Path, snapshot_min: float = 0.0) -> tup
     from selfe.data.cache import build_cache, read_null_text
     from selfe.data.loader import epoch_batches, read_cache_tensors
     from selfe.generator import save_model_dir
-    from selfe.objective import TextCond
     from selfe.train.local import train_local
 
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
@@ -62,8 +61,8 @@ def train(cfg, minutes: float, save_dir: Path, snapshot_min: float = 0.0) -> tup
             print(f"snapshot {path} at step {step + 1}", flush=True)
             next_snapshot[0] += snapshot_min
 
-    _, ema, hist = train_local(cfg, epoch_batches(rows, cfg.train.batch_size, cfg.train.seed),
-                               TextCond(null["tokens"], null["mask"], null["pooled"]), on_step=on_step, on_ema=on_ema,
+    _, ema, hist = train_local(cfg, epoch_batches(rows, cfg.train.batch_size, cfg.train.seed), null,
+                               cfg.model.num_tokens(*rows["latent"].shape[-2:]), on_step=on_step, on_ema=on_ema,
                                stop=lambda: time.perf_counter() > deadline)
     train_s = time.perf_counter() - t0
     steps = len(hist)

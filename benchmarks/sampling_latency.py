@@ -3,7 +3,7 @@
     python benchmarks/sampling_latency.py                          # tiny preset, CPU
     python benchmarks/sampling_latency.py --device cuda --preset 0.5b --model.double_blocks=2 --model.single_blocks=4
 
-Times ``selfe.sampling.sample`` on pre-encoded prompts (the text encoder runs once per prompt and is
+Times ``selfe.core.sampling.sample`` on pre-encoded prompts (the text encoder runs once per prompt and is
 timed separately), with the default EP-CFG (two branches batched in one forward: 2 NFE per step)
 and with guidance off (1 NFE per step). Weights are random: latency does not depend on them.
 Median of ``--repeats`` runs after one warm-up.
@@ -15,13 +15,31 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
+from selfe.config import load_config
 
-from selfe.config import load_config  # noqa: E402
+
+def _conditions(cfg) -> tuple:
+    """64 text conditions and the encoder's ms per prompt: the bundled encoder, timed as the generator
+    runs it; for production widths (T5) random embeddings of the right shape (time: nan)."""
+    from selfe.core.types import TextCond
+    from selfe.encoders.text import TextEncoder
+
+    prompts = ["a photo of a red circle", "a blue square to the left of a green triangle"]
+    if cfg.model.text_width == 384:
+        encoder = TextEncoder(cfg.text)
+        encoder.encode(prompts)  # warm-up
+        t0 = time.perf_counter()
+        base = encoder.encode(prompts * 32)
+        text_ms = (time.perf_counter() - t0) * 1000 / 64
+    else:
+        n = cfg.text.max_tokens
+        base = TextCond(torch.randn(64, n, cfg.model.text_width), torch.ones(64, n, dtype=torch.bool),
+                        torch.randn(64, cfg.model.pooled_width))
+        text_ms = float("nan")
+    return base, text_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,27 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(overrides=overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from selfe.encoders.text import TextEncoder
-    from selfe.model import build_model
-    from selfe.objective import TextCond
-    from selfe.sampling import resolve_landing, sample
+    from selfe.core.model import build_model
+    from selfe.core.sampling import resolve_landing, sample
 
     device = torch.device(args.device)
     model = build_model(cfg.model, device).eval()  # bf16 runs under autocast, as the generator's caller would
-    side = cfg.data.resolution // (8 if cfg.codec.kind != "pixels" else 1)
-    prompts = ["a photo of a red circle", "a blue square to the left of a green triangle"]
-    if cfg.model.text_width == 384:  # the bundled encoder: time it as the generator would run it
-        encoder = TextEncoder(cfg.text)
-        encoder.encode(prompts)  # warm-up
-        t0 = time.perf_counter()
-        emb = encoder.encode(prompts * 32)
-        text_ms = (time.perf_counter() - t0) * 1000 / 64
-        base = TextCond(emb.tokens, emb.mask, emb.pooled)
-    else:  # production widths (T5): random embeddings of the right shape
-        n = cfg.text.max_tokens
-        base = TextCond(torch.randn(64, n, cfg.model.text_width), torch.ones(64, n, dtype=torch.bool),
-                        torch.randn(64, cfg.model.pooled_width))
-        text_ms = float("nan")
+    side = cfg.data.resolution // (8 if cfg.codec.kind != "pixels" else cfg.codec.pixel_downsample)
+    base, text_ms = _conditions(cfg)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {side}x{side}x{cfg.model.in_channels} "
           f"latent, patch {cfg.model.patch_size}, {args.device} {args.dtype}, {torch.get_num_threads()} threads; "
           f"text encoder {text_ms:.1f} ms/prompt")
@@ -64,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for batch in [int(b) for b in args.batches.split(",")]:
         idx = torch.arange(batch) % base.tokens.shape[0]
-        fields = (base.tokens, base.mask, base.pooled)
-        cond = TextCond(*(x[idx].to(device) for x in fields))
-        null = TextCond(*(x[:1].to(device) for x in fields))
+        cond, null = base[idx].to(device), base[:1].to(device)
         for steps in [int(s) for s in args.steps.split(",")]:
             for omega in (cfg.sampler.guidance, 1.0):
                 sc = replace(cfg.sampler, steps=steps, guidance=omega,
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.synchronize()
                     t = time.perf_counter()
                     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"):
-                        _, nfe = sample(model, noise, cond, null, sc, cfg.model.patch_size, generator=g)
+                        _, nfe = sample(model, noise, cond, null, sc, cfg.shift_mu((side, side)), generator=g)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     if i:

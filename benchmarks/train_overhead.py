@@ -23,19 +23,15 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from selfe.config import load_config  # noqa: E402
+from selfe.config import load_config
 
 
 def plain(cfg, cache_path: str, steps: int, window: int) -> dict:
     from selfe.data.cache import read_null_text
     from selfe.data.loader import epoch_batches, read_cache_tensors
-    from selfe.objective import TextCond
     from selfe.train.local import train_local
 
     torch.set_num_threads(cfg.train.threads_per_worker or torch.get_num_threads())
@@ -44,7 +40,7 @@ def plain(cfg, cache_path: str, steps: int, window: int) -> dict:
     null = read_null_text(cache_path)
     load_s = time.perf_counter() - t0
     batches = epoch_batches(rows, cfg.train.batch_size, cfg.train.seed)
-    _, _, hist = train_local(cfg, batches, TextCond(null["tokens"], null["mask"], null["pooled"]), steps)
+    _, _, hist = train_local(cfg, batches, null, cfg.model.num_tokens(*rows["latent"].shape[-2:]), steps)
     wall = time.perf_counter() - t0
     steady = [h["step_s"] for h in hist[-window:]]
     data = sum(h["data_s"] for h in hist[-window:])
@@ -53,16 +49,18 @@ def plain(cfg, cache_path: str, steps: int, window: int) -> dict:
 
 
 def ray_train(cfg, cache_path: str, window: int, storage: str) -> dict:
-    from selfe.data.cache import load_cache, read_null_text
+    from selfe.data.cache import load_cache, read_manifest, read_null_text
+    from selfe.data.contract import latent_shape
     from selfe.encoders.text import TextEncoder
-    from selfe.train.job import fit, loop_inputs
+    from selfe.train.handoff import worker_inputs
+    from selfe.train.job import fit
 
     cfg.train.storage_path = storage
     cfg.train.run_name = "overhead"
     cfg.train.log_every = window  # the worker's timers cover one log window; the last is the steady state
     cfg.train.checkpoint_every = cfg.train.steps
     cfg.tracking.enabled = False
-    loop = loop_inputs(cfg, TextEncoder(cfg.text), read_null_text(cache_path), 32, None)
+    loop = worker_inputs(cfg, TextEncoder(cfg.text), read_null_text(cache_path), latent_shape(read_manifest(cache_path)))
     t0 = time.perf_counter()
     result = fit(cfg, "overhead", {"train": load_cache(cache_path, cfg)}, loop)
     wall = time.perf_counter() - t0

@@ -12,10 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref  # noqa: E402
-from selfe.sampling import MAX_STEPS  # noqa: E402
+from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref
+from selfe.core.sampling import MAX_STEPS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None)
     args = ap.parse_args(argv)
 
-    import mlflow
-
+    from selfe.eval.metrics import geneval_metrics
     from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 
     gen = load_model_or_fail(args.model, args.tracking_uri)
@@ -50,14 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     print(table)
     if args.log_to_mlflow:
-        with mlflow.start_run(run_name=f"eval {args.model}") as run:
-            mlflow.set_tag("selfe.evaluated_model", args.model)
-            for steps, s in results.items():
-                mlflow.log_metric(f"geneval_{steps}steps_overall", s["overall"])
-                for task, acc in s["per_task"].items():
-                    mlflow.log_metric(f"geneval_{steps}steps_{task}", acc)
-            mlflow.log_artifacts(str(out), "eval")
-            print(f"logged to MLflow run {run.info.run_id}")
+        from selfe.tracking import log_evaluation
+
+        run_id = log_evaluation(f"eval {args.model}", {"selfe.evaluated_model": args.model},
+                                geneval_metrics(results), out)
+        print(f"logged to MLflow run {run_id}")
     return 0
 
 

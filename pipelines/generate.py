@@ -9,12 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref, utf8_text  # noqa: E402
-from selfe.sampling import MAX_STEPS  # noqa: E402
+from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref, utf8_text
+from selfe.core.sampling import MAX_STEPS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from selfe.config import load_config  # noqa: E402
-from selfe.configtools import ConfigError  # noqa: E402
+from selfe.config import load_config
+from selfe.configtools import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,14 +10,11 @@ the run's pyfunc model, registers it and sets the alias (and ``champion`` with `
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from selfe.cli import OneLineParser, fail  # noqa: E402
-from selfe.configtools import NAME_PATTERN  # noqa: E402
+from selfe.cli import OneLineParser, fail
+from selfe.configtools import NAME_PATTERN
 
 
 def _name(text: str) -> str:
@@ -40,17 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (Path(args.model_dir) / WEIGHTS).is_file():
         return fail(f"{args.model_dir} holds no {WEIGHTS}: pass the model folder the training job exported")
-    import mlflow
+    from selfe.tracking import TrackingError, TrackingUnavailable, log_and_register, use_tracking_uri, with_retries
 
-    from selfe.tracking import TrackingUnavailable, log_and_register, resolve_tracking_uri, with_retries
-
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    mlflow.set_tracking_uri(resolve_tracking_uri())
+    use_tracking_uri(args.tracking_uri)
     try:
         version = with_retries("registering the model", lambda: log_and_register(
             args.run_id, args.model_dir, args.name, args.alias, args.promote))
-    except (TrackingUnavailable, mlflow.exceptions.MlflowException) as e:
+    except (TrackingUnavailable, TrackingError) as e:
         return fail(str(e).splitlines()[0])
     print(f"registered models:/{args.name}/{version} (alias @{args.alias}{', @champion' if args.promote else ''})")
     return 0

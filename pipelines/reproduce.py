@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from selfe.config import load_config  # noqa: E402
-from selfe.configtools import ConfigError  # noqa: E402
+from selfe.config import load_config
+from selfe.configtools import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = {
@@ -102,6 +100,7 @@ def checkpoints(cfg) -> list[Path]:
 
 def evaluate(study: Study, key: str, gen, records: list[dict], steps: int, cfg, logger=None, metric_step: int = 0,
              prefix: str = "", **sampler_kw) -> dict:
+    from selfe.eval.metrics import overall_metric
     from selfe.eval.runner import evaluate_steps
 
     if key in study.data["evals"]:
@@ -113,7 +112,7 @@ def evaluate(study: Study, key: str, gen, records: list[dict], steps: int, cfg, 
     study.data["evals"][key] = summary
     study.save()
     if logger is not None:
-        logger.log_metrics({f"{prefix}geneval_{steps}steps_overall": summary["overall"]}, metric_step)
+        logger.log_metrics({overall_metric(steps, prefix): summary["overall"]}, metric_step)
     print(f"[reproduce] {key}: overall {summary['overall']:.3f} ({summary['eval_s']} s)", flush=True)
     return summary
 
@@ -124,7 +123,7 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path) -> N
     from selfe.encoders.text import TextEncoder
     from selfe.eval.runner import select_prompts
     from selfe.generator import ImageGenerator, load_generator
-    from selfe.runlog import RunLogger
+    from selfe.tracking.runlog import RunLogger
     from selfe.train.job import export_model
 
     records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _params(cfg) -> int:
-    from selfe.model import build_model
+    from selfe.core.model import build_model
 
     return sum(p.numel() for p in build_model(cfg.model, "meta").parameters())
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from selfe.config import load_config  # noqa: E402
-from selfe.configtools import ConfigError  # noqa: E402
-from selfe.paths import anchor_outputs  # noqa: E402
+from selfe.config import load_config
+from selfe.configtools import ConfigError
+from selfe.paths import anchor_outputs
 
 
 def main(argv: list[str] | None = None) -> int:

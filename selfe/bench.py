@@ -16,11 +16,12 @@ import time
 import torch
 
 from selfe.config import load_config
-from selfe.ema import make_ema
-from selfe.model import build_model
-from selfe.objective import SelfEObjective, TextCond
+from selfe.core.ema import make_ema
+from selfe.core.model import build_model
+from selfe.core.objective import SelfEObjective
+from selfe.core.types import Batch, TextCond
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
-from selfe.train.step import Batch, build_optimizer, train_step
+from selfe.train.step import Trainee, build_optimizer, train_step
 
 
 def _random_batch(cfg, batch: int, res: int, n_txt: int, device) -> tuple[Batch, TextCond]:
@@ -42,16 +43,16 @@ def time_method(cfg, method: str, batch: int, res: int, n_txt: int, steps: int, 
     torch.manual_seed(0)
     model = build_model(cfg.model, device)
     ema = make_ema(model)
-    objective = SelfEObjective(cfg.objective)
-    opt = build_optimizer(model, 1e-4, 0.9, 0.95, 0.0)
     data, null = _random_batch(cfg, batch, res, n_txt, device)
-    autocast = torch.bfloat16 if dtype == "bf16" else None
+    objective = SelfEObjective(cfg.objective, cfg.model.num_tokens(*data.x0.shape[-2:]))
+    tr = Trainee(model, ema, objective, build_optimizer(model, cfg.optim), 1.0,
+                 torch.bfloat16 if dtype == "bf16" else None)
     times = []
     for i in range(steps + 3):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(model, ema, objective, opt, data, null, 10_000, 1e-4, 1.0, 0.999, autocast)
+        train_step(tr, data, null, 10_000, 1e-4, 0.999)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 3:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = ap.parse_known_args(argv)
     cfg = load_config(preset=args.preset, overrides=extra + args.overrides)
     device = torch.device(args.device)
-    n_img = (args.resolution // cfg.model.patch_size) ** 2
+    n_img = cfg.model.num_tokens(args.resolution, args.resolution)
     fm = time_method(cfg, "flow_matching", args.batch, args.resolution, args.text_tokens, args.steps, device, args.dtype)
     se = time_method(cfg, "self_e", args.batch, args.resolution, args.text_tokens, args.steps, device, args.dtype)
     params = sum(p.numel() for p in build_model(cfg.model, "meta").parameters())

@@ -98,15 +98,12 @@ def missing_sqlite_store(uri: str) -> str | None:
 
 def load_model_or_fail(ref: str, tracking_uri: str | None = None):
     """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI or ./mlflow.db) and load ``ref``
-    with ``selfe.registry.load_model_ref``. A missing store, registry miss or unreadable model is
+    with ``selfe.tracking.registry.load_model_ref``. A missing store, registry miss or unreadable model is
     printed as one line and gives None."""
     import os
 
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from selfe.registry import load_model_ref
-    from selfe.tracking import resolve_tracking_uri
+    from selfe.tracking import TrackingError, resolve_tracking_uri, use_tracking_uri
+    from selfe.tracking.registry import load_model_ref
 
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -114,10 +111,10 @@ def load_model_or_fail(ref: str, tracking_uri: str | None = None):
     if not Path(ref).is_dir() and (problem := missing_sqlite_store(uri)):
         fail(problem)
         return None
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     try:
         return load_model_ref(ref)
-    except (MlflowException, OSError, ValueError) as e:
+    except (TrackingError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"cannot load model {ref}: {first}")
         return None

@@ -15,12 +15,12 @@ from typing import Any
 from selfe.configtools import (
     ConfigError, apply_dict, apply_override, check_name, check_range, parse_overrides, to_toml,
 )
-from selfe.ema import EMAConfig
+from selfe.core.ema import EMAConfig
 from selfe.encoders.image import CodecConfig
 from selfe.encoders.text import TextEncoderConfig
-from selfe.model import MODEL_PRESETS, ModelConfig
-from selfe.objective import ObjectiveConfig
-from selfe.sampling import MAX_STEPS, SamplerConfig
+from selfe.core.model import MODEL_PRESETS, ModelConfig
+from selfe.core.objective import ObjectiveConfig, time_shift_mu
+from selfe.core.sampling import MAX_STEPS, SamplerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,6 +138,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     mixed_precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
+    peak_tflops: float = 0.0
+    """Dense peak TFLOP/s of one device at the training dtype, for MFU. 0: look the GPU model up
+    (``selfe.perf.PEAK_TFLOPS``); CPUs and unlisted GPUs then log achieved TFLOP/s without MFU."""
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 500
@@ -164,6 +167,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.batch_size={self.batch_size} must be divisible by train.num_workers={self.num_workers}"
             )
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops must be >= 0 (0: look the GPU up), got {self.peak_tflops}")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if self.num_workers > 1 and not self.fsdp:
@@ -266,8 +271,10 @@ class Config:
                 f"data.resolution={self.data.resolution} must be divisible by codec.pixel_downsample={f} x "
                 f"model.patch_size={self.model.patch_size}"
             )
-        if self.sampler.shift_base_len != self.objective.shift_base_len:
-            raise ConfigError("sampler.shift_base_len must equal objective.shift_base_len (same time shift)")
+
+    def shift_mu(self, latent_hw: tuple[int, int]) -> float:
+        """The time shift mu that training and sampling share at this latent size (h, w)."""
+        return time_shift_mu(self.model.num_tokens(*latent_hw), self.objective.shift_base_len)
 
     def dump(self) -> str:
         """The resolved config as TOML (loadable with ``load_config(config_path=...)``)."""
@@ -310,6 +317,11 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+RETIRED_KEYS = (("sampler", "shift_base_len"),)
+"""Keys older versions wrote into saved configs, now derived elsewhere (the time shift has one field,
+``objective.shift_base_len``): ignored in files, still rejected as overrides."""
+
+
 def load_config(
     config_path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
 ) -> Config:
@@ -324,6 +336,8 @@ def load_config(
                 file_data = tomllib.load(fh)
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    for section, key in RETIRED_KEYS:  # files saved by older versions (model folders, registered models)
+        file_data.get(section, {}).pop(key, None)
     pairs = parse_overrides(overrides or [])
     chosen = preset or dict(pairs).get("preset") or file_data.get("preset") or "tiny"
     if chosen not in PRESET_OVERRIDES:

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from selfe.config import Config, load_config
 from selfe.encoders.image import ImageCodec, build_codec, tensor_to_images
 from selfe.encoders.text import TextEncoder
-from selfe.model import MMDiT, build_model
-from selfe.objective import TextCond
-from selfe.sampling import randn_rows, resolve_landing, sample
+from selfe.core.model import MMDiT, build_model
+from selfe.core.types import TextCond
+from selfe.core.sampling import randn_rows, resolve_landing, sample
 
 WEIGHTS, CONFIG, INFO = "weights.safetensors", "config.toml", "model_info.json"
 
@@ -37,17 +37,16 @@ class ImageGenerator:
         self.text = text or TextEncoder(cfg.text, device=self.device)
         self.codec = codec or build_codec(cfg.codec, device=self.device)
         self.latent_size = cfg.data.resolution // self.codec.downsample
-        null = self.text.encode([""])
-        self.null = TextCond(null.tokens, null.mask, null.pooled)
+        self.shift_mu = cfg.shift_mu((self.latent_size, self.latent_size))
+        self.null = self.text.encode([""])
 
     def encode_prompts(self, prompts: Sequence[str]) -> TextCond:
         """Embed prompts; one longer than the encoder's ``max_tokens`` is cut, with a warning."""
-        emb = self.text.encode(list(prompts))
-        for prompt, cut in zip(prompts, emb.truncated.tolist()):
+        for prompt, cut in zip(prompts, self.text.truncated(prompts).tolist()):
             if cut:
                 warnings.warn(f"prompt truncated to the text encoder's {self.text.max_tokens} tokens "
                               f"(text.max_tokens): {prompt[:60]!r}...", stacklevel=2)
-        return TextCond(emb.tokens, emb.mask, emb.pooled)
+        return self.text.encode(list(prompts))
 
     @torch.no_grad()
     def generate(
@@ -75,7 +74,7 @@ class ImageGenerator:
             cond = self.encode_prompts(chunk)
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
             noise = randn_rows(torch.empty(len(chunk), c, self.latent_size, self.latent_size), gens).to(self.device)
-            latents, nfe = sample(self.model, noise, cond, self.null, sc, self.cfg.model.patch_size, generator=gens)
+            latents, nfe = sample(self.model, noise, cond, self.null, sc, self.shift_mu, generator=gens)
             out.append(tensor_to_images(self.codec.decode(latents)))
         return np.concatenate(out), nfe
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfe.model import ModelConfig, flops_per_token
+from selfe.core.model import ModelConfig, flops_per_token
 
 # Dense peak TFLOP/s by (device-name substring, dtype); first match wins.
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
@@ -17,8 +17,11 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def device_peak_flops(device: torch.device | str, dtype: str) -> float | None:
-    """Peak FLOP/s of a CUDA device for ``dtype`` ("bf16"/"fp32"), or None if unknown / CPU."""
+def device_peak_flops(device: torch.device | str, dtype: str, configured_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of a device for ``dtype`` ("bf16"/"fp32"): ``configured_tflops`` when given (any
+    device), else the CUDA device's entry in ``PEAK_TFLOPS``; None if unknown (CPUs)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from selfe.objective import TextCond
+from selfe.core.types import TextCond
 
 
 def cond_for(labels: torch.Tensor, n_classes: int = 2) -> TextCond:

@@ -101,7 +101,7 @@ def test_bad_cli_input_is_one_line_and_exit_2(pipeline, args, fragment, empty_re
 
 def test_a_prompt_longer_than_the_encoder_limit_is_truncated_with_a_warning():
     from selfe.generator import ImageGenerator
-    from selfe.model import build_model
+    from selfe.core.model import build_model
 
     cfg = load_config(overrides=["--text.max_tokens=8"])
     gen = ImageGenerator(build_model(cfg.model), cfg)

@@ -14,7 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-from selfe.model import ModelConfig, build_model
+from selfe.config import OptimConfig
+from selfe.core.model import ModelConfig, build_model
 from selfe.train.checkpoint import (
     UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, split_optimizer_state, verify_checkpoint,
 )
@@ -37,7 +38,7 @@ class RunsCode:
 def _trained(seed: int = 0):
     torch.manual_seed(seed)
     model, ema = build_model(CFG), build_model(CFG)
-    opt = build_optimizer(model, 1e-3, 0.9, 0.95, 0.0)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
     x = torch.randn(2, 3, 8, 8)
     out = model(x, torch.rand(2), torch.rand(2), torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool),
                 torch.randn(2, 8))
@@ -48,7 +49,7 @@ def _trained(seed: int = 0):
 
 def _fresh():
     model, ema = build_model(CFG), build_model(CFG)
-    return model, ema, build_optimizer(model, 1e-3, 0.9, 0.95, 0.0)
+    return model, ema, build_optimizer(model, OptimConfig(lr=1e-3))
 
 
 def test_round_trip_restores_weights_optimizer_and_every_rng(tmp_path):

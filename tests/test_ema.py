@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from selfe.ema import EMAConfig, ema_decay_at
+from selfe.core.ema import EMAConfig, ema_decay_at
 
 
 def test_half_life_halves_the_weight_after_that_many_images_at_any_batch():

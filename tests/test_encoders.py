@@ -28,6 +28,7 @@ from selfe.encoders import (
     tensor_to_images,
 )
 from selfe.encoders.storage import MINILM, is_hub_id, split_hub_id
+from tests.synthetic import save_tiny_vae
 
 S3Bucket = tuple[Any, str]
 """A boto3 S3 client and the name of a fresh bucket on the moto server."""
@@ -111,7 +112,7 @@ def test_minilm_flags_truncated_captions(minilm: TextEncoder) -> None:
     emb = minilm.encode(["a red circle", LONG_CAPTION])
 
     assert len(minilm.tokenizer(LONG_CAPTION)["input_ids"]) > MAX_TOKENS
-    assert emb.truncated.tolist() == [False, True]
+    assert minilm.truncated(["a red circle", LONG_CAPTION]).tolist() == [False, True]
     assert emb.mask[1].all() and emb.tokens.shape[1] == MAX_TOKENS
 
 
@@ -123,7 +124,7 @@ def test_minilm_batching_does_not_change_results(
     monkeypatch.setattr(minilm.cfg, "batch_size", 4)  # batches of 4 and 2, different padded lengths
     split = minilm.encode(captions)
 
-    assert torch.equal(whole.mask, split.mask) and torch.equal(whole.truncated, split.truncated)
+    assert torch.equal(whole.mask, split.mask)
     assert torch.allclose(whole.tokens, split.tokens, atol=1e-5)
     assert torch.allclose(whole.pooled, split.pooled, atol=1e-5)
 
@@ -281,28 +282,9 @@ def test_s3_missing_bucket_or_credentials_is_a_clear_error(
 # --- image codecs -------------------------------------------------------------------------------------
 
 
-def _save_tiny_vae(path: Path, seed: int) -> str:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    vae.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _save_tiny_vae(tmp_path_factory.mktemp("vae"), seed=0)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +324,7 @@ def test_autoencoder_kl_sampling_draws_from_the_posterior(tiny_vae: str, images:
 
 
 def test_codec_id_follows_the_weights(tiny_vae: str, tmp_path: Path) -> None:
-    other = _save_tiny_vae(tmp_path / Path(tiny_vae).name, seed=1)  # same name and config, new weights
+    other = save_tiny_vae(tmp_path / Path(tiny_vae).name, seed=1)  # same name and config, new weights
     a = build_codec(CodecConfig(kind="autoencoder_kl", path=tiny_vae))
     b = build_codec(CodecConfig(kind="autoencoder_kl", path=other))
     assert a.id != b.id

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,10 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from selfe.config import load_config
-from selfe.model import build_model
+from selfe.core.model import build_model
 from selfe.train.checkpoint import is_complete, load_weights
 from selfe.train.job import fit
-from tests.synthetic import TINY_OVERRIDES, null_text, synthetic_dataset
+from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +71,7 @@ def _assert_finished(cfg, run_dir: Path) -> None:
 def test_workers_on_different_nodes_survive_node_loss(cluster, tmp_path):
     c, nodes = cluster
     cfg = _cfg(tmp_path, "node-loss", steps=8)
-    loop = {"config": asdict(cfg), "null_text": null_text(), "mlflow_run_id": None, "grid": None}
+    loop = inputs(cfg)
     out: dict = {}
     runner = threading.Thread(target=lambda: out.update(result=fit(cfg, "node-loss", {"train": synthetic_dataset()}, loop)))
     runner.start()

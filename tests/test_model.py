@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from selfe.model import MODEL_PRESETS, ModelConfig, build_model, flops_per_token
+from selfe.core.model import MODEL_PRESETS, ModelConfig, build_model, flops_per_token
 
 
 def _inputs(cfg: ModelConfig, b=2, res=16, n_txt=6, seed=0):
@@ -88,7 +88,7 @@ def test_gap_not_landing_time_is_embedded():
     b = model(x, t, s * 0.5, txt, mask, pooled)
     assert not torch.allclose(a, b)
     gap_emb = model.gap_embed
-    from selfe.model import timestep_embedding
+    from selfe.core.model import timestep_embedding
     e1 = gap_emb(timestep_embedding(torch.tensor([0.3]) - torch.tensor([0.3]), cfg.time_freq_dim))
     e2 = gap_emb(timestep_embedding(torch.tensor([0.8]) - torch.tensor([0.8]), cfg.time_freq_dim))
     assert torch.equal(e1, e2)
@@ -122,7 +122,7 @@ def test_flops_scale_with_width():
 
 
 def test_absolute_positions_tell_every_patch_apart_and_change_the_output():
-    from selfe.model import sincos_2d
+    from selfe.core.model import sincos_2d
 
     emb = sincos_2d(8, 8, 130, torch.device("cpu"))
     assert emb.shape == (64, 130) and torch.all(emb[:, 128:] == 0)  # padded to the width

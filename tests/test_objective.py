@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfe.objective import (
+from selfe.core.objective import (
     Draws, ObjectiveConfig, SelfEObjective, TextCond, denoise, energy_preserving_target, sample_times,
     self_eval_lambda, shift_time, tau_at, time_shift_mu,
 )
@@ -43,8 +43,8 @@ def test_s_equals_t_is_flow_matching():
     log = []
     net, ema = LinearNet(0.3, "online", log), LinearNet(-0.2, "ema", log)
     d = _draws(x0, t, t.clone())
-    se = SelfEObjective(ObjectiveConfig(method="self_e"))(net, ema, x0, cond, null, 10_000, draws=d)
-    fm = SelfEObjective(ObjectiveConfig(method="flow_matching"))(net, ema, x0, cond, null, 10_000, draws=d)
+    se = SelfEObjective(ObjectiveConfig(method="self_e"), 64)(net, ema, x0, cond, null, 10_000, draws=d)
+    fm = SelfEObjective(ObjectiveConfig(method="flow_matching"), 64)(net, ema, x0, cond, null, 10_000, draws=d)
     # lambda = 0, target = x0, and the 1/t^2 weighted x0-space loss equals the velocity MSE.
     assert se.stats["lambda_mean"] == 0.0
     assert torch.equal(se.loss, fm.loss)
@@ -67,7 +67,7 @@ def test_self_eval_weight_zero_gives_flow_matching_loss():
     log = []
     net, ema = LinearNet(0.3, "online", log), LinearNet(-0.2, "ema", log)
     d = _draws(x0, t, s)
-    out = SelfEObjective(ObjectiveConfig(self_eval_weight=0.0))(net, ema, x0, cond, null, 0, draws=d)
+    out = SelfEObjective(ObjectiveConfig(self_eval_weight=0.0), 64)(net, ema, x0, cond, null, 0, draws=d)
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * d.eps
     with torch.no_grad():
         v = net(x_t, t, s, cond.tokens, cond.mask, cond.pooled)
@@ -93,7 +93,7 @@ def test_branches_use_ema_for_conditional_and_online_for_unconditional():
     s = torch.tensor([0.8, 0.2, 0.8, 0.3, 0.8, 0.4, 0.8, 0.5])  # half s < t
     log = []
     net, ema = LinearNet(0.3, "online", log), LinearNet(-0.2, "ema", log)
-    SelfEObjective(ObjectiveConfig())(net, ema, x0, cond, null, 0, draws=_draws(x0, t, s))
+    SelfEObjective(ObjectiveConfig(), 64)(net, ema, x0, cond, null, 0, draws=_draws(x0, t, s))
     assert [name for name, _, _ in log] == ["online", "ema", "online"]
     (_, tok0, grad0), (_, tok_ema, grad_ema), (_, tok_u, grad_u) = log
     assert grad0 and not grad_ema and not grad_u
@@ -114,7 +114,7 @@ def test_ema_weights_change_the_target_and_online_weights_shape_it():
     for w_ema in (0.3, 0.9):
         log = []
         net, ema = LinearNet(0.3, "online", log), LinearNet(w_ema, "ema", log)
-        out = SelfEObjective(ObjectiveConfig())(
+        out = SelfEObjective(ObjectiveConfig(), 64)(
             net, ema, x0, cond, null, 0, generator=torch.Generator().manual_seed(5), draws=_draws(x0, t, s)
         )
         out.loss.backward()
@@ -131,21 +131,21 @@ def test_fake_score_switches_on_at_aux_start():
     fake = TextCond(cond.tokens - 10, cond.mask, cond.pooled)
     for step, calls in ((99, 3), (100, 4)):
         log = []
-        out = SelfEObjective(cfg)(LinearNet(0.3, "online", log), LinearNet(0.1, "ema", log), x0, cond, null, step,
+        out = SelfEObjective(cfg, 64)(LinearNet(0.3, "online", log), LinearNet(0.1, "ema", log), x0, cond, null, step,
                                   fake_cond=fake, draws=_draws(x0, t, s))
         assert len(log) == calls
         assert ("loss_fake" in out.stats) == (step >= 100)
     assert log[-1][2] is True and torch.equal(log[-1][1], fake.tokens)  # L_fake carries gradient
     with pytest.raises(ValueError, match="fake"):
-        SelfEObjective(cfg)(LinearNet(0.3, "o", []), LinearNet(0.1, "e", []), x0, cond, null, 100, draws=_draws(x0, t, s))
+        SelfEObjective(cfg, 64)(LinearNet(0.3, "o", []), LinearNet(0.1, "e", []), x0, cond, null, 100, draws=_draws(x0, t, s))
 
 
 def test_time_sampling_follows_schedule():
     cfg = ObjectiveConfig(anneal_steps=1000)
     g = torch.Generator().manual_seed(0)
-    t, s = sample_times(20000, 256, 0, cfg, "cpu", g)
+    t, s = sample_times(20000, 0.5, 0, cfg, "cpu", g)
     assert torch.equal(t, s)  # tau = 0 at step 0: every s collapses to t
-    t, s = sample_times(20000, 256, 500, cfg, "cpu", g)
+    t, s = sample_times(20000, 0.5, 500, cfg, "cpu", g)
     below = s < t
     assert 0.45 < below.float().mean() < 0.55
     assert torch.all(s[below] >= 0.5 * t[below] - 1e-6)  # tau = 0.5: s in [(1 - tau) t, t]
@@ -161,12 +161,12 @@ def test_uniform_share_fills_the_ends_of_the_trajectory():
     """With mu = 0.5, t < 0.1 needs u < 1 / (1 + 9 e^0.5) = 0.063: the logit-normal puts ~0.35% there,
     a uniform draw 6.3%. A share p of uniform draws gives the mixture."""
     g = torch.Generator().manual_seed(0)
-    low = lambda share: (sample_times(200_000, 64, 0, ObjectiveConfig(t_uniform_share=share), "cpu", g)[0] < 0.1)  # noqa: E731
+    low = lambda share: (sample_times(200_000, 0.5, 0, ObjectiveConfig(t_uniform_share=share), "cpu", g)[0] < 0.1)  # noqa: E731
     assert low(0.0).float().mean() < 0.006
     assert low(1.0).float().mean() == pytest.approx(0.063, abs=0.003)
     assert low(0.5).float().mean() == pytest.approx(0.5 * 0.063 + 0.5 * 0.0035, abs=0.003)
     # a location/scale change moves the logit-normal: m = -1 puts far more mass at low t
-    assert (sample_times(50_000, 64, 0, ObjectiveConfig(t_logit_mean=-1.0), "cpu", g)[0] < 0.1).float().mean() > 0.02
+    assert (sample_times(50_000, 0.5, 0, ObjectiveConfig(t_logit_mean=-1.0), "cpu", g)[0] < 0.1).float().mean() > 0.02
     with pytest.raises(ValueError, match="t_uniform_share"):
         ObjectiveConfig(t_uniform_share=1.5).validate()
 

@@ -62,7 +62,7 @@ def test_run_is_tracked_and_registered(trained):
 def test_pyfunc_model_generates_images(trained):
     # Logged from code: the folder holds this package's model file and no pickled model object.
     logged = Path(mlflow.artifacts.download_artifacts("models:/selfe@champion"))
-    assert not list(logged.rglob("*.pkl")) and "mlflow_model.py" in (logged / "MLmodel").read_text()
+    assert not list(logged.rglob("*.pkl")) and "pyfunc.py" in (logged / "MLmodel").read_text()
     model = mlflow.pyfunc.load_model("models:/selfe@champion")
     images = model.predict(["a photo of a red circle", "a photo of two squares"], params={"steps": 2, "seed": 3})
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
@@ -113,11 +113,11 @@ def test_checkpoints_on_s3(workdir, s3_server, monkeypatch):
 def test_the_storage_filesystem_pickles_without_secrets(s3_server, monkeypatch):
     import pickle
 
-    from selfe.train.job import storage_filesystem
+    from selfe.storage import train_storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
-    fs = storage_filesystem("s3://ckpts/runs")
+    _, fs = train_storage("s3://ckpts/runs")
     assert fs is not None and b"sekrit-value-123" not in pickle.dumps(fs)
 
 
@@ -144,7 +144,7 @@ def test_metrics_survive_an_unreachable_tracking_server(tmp_path, monkeypatch):
     import time
     import urllib.request
 
-    from selfe.runlog import RunLogger
+    from selfe.tracking.runlog import RunLogger
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

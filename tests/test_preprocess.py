@@ -7,10 +7,7 @@ images, WebDataset tars, Parquet files, and deliberately broken records of every
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import shutil
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from selfe.config import Config, load_config
 from selfe.configtools import ConfigError
@@ -34,10 +30,8 @@ from selfe.data.cache import (
     validate_manifest,
 )
 from selfe.data.shapes import ShapesConfig, generate_one, spec_to_json
-from selfe.data.transforms import decode_image
-
-LONG_CAPTION = " ".join(["a very long caption about a red square"] * 20)
-
+from tests.source_files import EXPECTED_SKIPS, LONG_CAPTION, write_imagefolder, write_shards
+from tests.synthetic import image_bytes
 
 @pytest.fixture(scope="module")
 def ray_session(s3_server: str) -> Iterator[str]:
@@ -53,20 +47,11 @@ def make_cfg(cache_root: Path | str, *overrides: str) -> Config:
     return load_config(overrides=[f"--data.cache_root={cache_root}", "--data.encode_batch_size=16", *overrides])
 
 
-def image_bytes(size: tuple[int, int] = (48, 40), mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    image = Image.fromarray(pixels).convert(mode)
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return out.getvalue()
-
-
 def rows_of(path: str, cfg: Config) -> list[dict]:
     """The cache's rows, read with pyarrow from the files its manifest lists (quicker than a Ray job)."""
     import ray.data  # noqa: F401  (registers the tensor extension types)
 
-    from selfe.data.sources import filesystem_for
+    from selfe.storage import filesystem_for
 
     fs, root = filesystem_for(path, cfg.data.s3_endpoint)
     files = [f"{root}/{name}" for name in read_manifest(path, cfg.data.s3_endpoint)["files"]]
@@ -217,50 +202,6 @@ def test_manifest_mismatch_is_explained(shapes_cache: tuple[Config, str, dict], 
 # ---------------------------------------------------------------- image folder, WebDataset, Parquet
 
 
-def write_imagefolder(root: Path) -> None:
-    """Good images in several modes plus one record of every failure; see EXPECTED_SKIPS."""
-    root.mkdir(parents=True)
-    files = {
-        "good_rgb.png": image_bytes(),
-        "good_grey.jpg": image_bytes(mode="L", fmt="JPEG", seed=1),
-        "good_alpha.png": image_bytes(mode="RGBA", seed=2),
-        "sub/good_palette.png": image_bytes(mode="P", seed=3),
-        "long.png": image_bytes(seed=4),
-        "sidecar.webp": image_bytes(fmt="WEBP", seed=5),
-        "corrupt.jpg": b"\xff\xd8\xff not really a jpeg",
-        "truncated.png": image_bytes(size=(64, 64), seed=6)[:300],
-        "tiny.png": image_bytes(size=(8, 8)),
-        "sixteen_bit.png": _sixteen_bit_png(),
-        "empty_caption.png": image_bytes(seed=7),
-        "no_caption.png": image_bytes(seed=8),
-    }
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    (root / "sidecar.txt").write_text("a photo read from a sidecar file\n")
-    records = [{"file_name": n, "text": f"caption of {n}"} for n in files if n not in ("sidecar.webp", "no_caption.png")]
-    records = [r if r["file_name"] != "long.png" else {**r, "text": LONG_CAPTION} for r in records]
-    records = [r if r["file_name"] != "empty_caption.png" else {**r, "text": "   "} for r in records]
-    lines = [json.dumps(r) for r in records] + [json.dumps({"file_name": "ghost.png", "text": "gone"}), "{not json"]
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def _sixteen_bit_png() -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(out, format="PNG")
-    return out.getvalue()
-
-
-EXPECTED_SKIPS = {
-    "corrupt_image": 2,
-    "too_small": 1,
-    "unsupported_mode": 1,
-    "missing_caption": 2,
-    "missing_image": 1,
-    "bad_metadata": 1,
-}
-
-
 @pytest.mark.slow
 def test_imagefolder_counts_every_bad_record(ray_session: str, tmp_path: Path) -> None:
     write_imagefolder(tmp_path / "src")
@@ -276,43 +217,6 @@ def test_imagefolder_counts_every_bad_record(ray_session: str, tmp_path: Path) -
     assert "a photo read from a sidecar file" in captions and LONG_CAPTION in captions
     assert {r["spec"] for r in rows} == {""}
     assert all(np.asarray(r["text_mask"]).all() for r in rows if r["caption"] == LONG_CAPTION)
-
-
-def test_decode_composites_alpha_on_white_and_crops_centre() -> None:
-    transparent = Image.new("RGBA", (40, 20), (255, 0, 0, 0))
-    out = io.BytesIO()
-    transparent.save(out, format="PNG")
-    pixels, reason = decode_image(out.getvalue(), resolution=16, min_size=8)
-    assert reason == "" and pixels.shape == (16, 16, 3) and (pixels == 255).all()
-    assert decode_image(b"", 16, 8) == (None, "missing_image")
-
-
-def write_shards(root: Path) -> None:
-    root.mkdir(parents=True)
-
-    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-    with tarfile.open(root / "shard-000.tar", "w") as tar:
-        add(tar, "a/000.jpg", image_bytes(fmt="JPEG"))
-        add(tar, "a/000.txt", b"a jpeg with a txt caption")
-        add(tar, "a/001.png", image_bytes(seed=1))
-        add(tar, "a/001.json", json.dumps({"text": "a png with a json caption", "width": 48}).encode())
-        add(tar, "a/002.webp", image_bytes(fmt="WEBP", seed=2))
-        add(tar, "a/002.txt", b"a webp")
-        add(tar, "a/003.jpg", b"garbage")
-        add(tar, "a/003.txt", b"a corrupt image")
-        add(tar, "a/004.txt", b"a caption without an image")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(3):
-            add(tar, f"{i:03d}.png", image_bytes(size=(64, 64), seed=10 + i))
-            add(tar, f"{i:03d}.txt", f"sample {i} of a shard cut short".encode())
-    whole = buf.getvalue()
-    third_png = whole.index(b"002.png")
-    (root / "shard-001.tar").write_bytes(whole[: third_png + 512 + 100])  # ends inside the third image
 
 
 @pytest.mark.slow
@@ -374,24 +278,6 @@ def test_actor_pool_that_starves_the_readers_is_refused(ray_session: str, tmp_pa
     cfg = make_cfg(tmp_path / "cache", "--data.num_samples=8", "--data.encode_actors=2")
     with pytest.raises(ConfigError, match="would wait forever. Lower data.encode_actors"):
         build_cache(cfg)
-
-
-def test_hugging_face_image_structs_are_read() -> None:
-    from selfe.data.sources import _parquet_rows
-
-    png = image_bytes()
-    images = pa.array([{"bytes": png, "path": "a.png"}, {"bytes": None, "path": "b.png"}])
-    table = pa.table({"image": images, "text": ["a", "b"], "path": ["/d/x.parquet"] * 2})
-    rows = _parquet_rows(table, "image", "text", "/d").to_pydict()
-    assert rows["image"] == [png, b""] and rows["error"] == ["", "missing_image"]
-    assert rows["id"][0].startswith("x.parquet:") and rows["spec"] == ["", ""]
-
-
-def test_missing_source_fails_before_any_work(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path / "cache", f"--data.source={tmp_path / 'nowhere'}")
-    with pytest.raises(FileNotFoundError, match="data.source .*nowhere"):
-        build_cache(cfg)
-    assert not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------- S3 (moto on 127.0.0.1)

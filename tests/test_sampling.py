@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from selfe.objective import TextCond
-from selfe.sampling import SamplerConfig, guided_velocity, sample, time_grid
+from selfe.core.types import TextCond
+from selfe.core.objective import time_shift_mu
+from selfe.core.sampling import SamplerConfig, guided_velocity, sample, time_grid
 from tests.analytic import Gaussian, PointMass
 
 
@@ -81,7 +82,7 @@ def test_nfe_counts(steps, guidance, expected):
 
 
 def test_time_grid_and_validation():
-    grid = time_grid(8, 256)
+    grid = time_grid(8, time_shift_mu(256))
     assert grid[0] == 1.0 and grid[-1] == 0.0 and torch.all(grid[1:] < grid[:-1])
     assert grid[4] > 0.5  # the shift spends more steps at high noise
     with pytest.raises(ValueError, match="landing"):
@@ -113,7 +114,7 @@ def test_default_landing_follows_the_training_method(method, expected):
     net = RecordsLanding(cfg.model)
     gen = ImageGenerator(net, cfg)
     gen.generate(["a photo of a red circle"], steps=4, guidance=1.0)
-    grid = time_grid(4, 64, cfg.sampler.shift_base_len)
+    grid = time_grid(4, cfg.shift_mu((32, 32)))
     assert len(net.calls) == 4
     for k, (t, s) in enumerate(net.calls):
         want = grid[k] if expected == "current" else grid[k + 1]
@@ -121,13 +122,13 @@ def test_default_landing_follows_the_training_method(method, expected):
     # An explicit policy still wins over the method's default.
     net.calls.clear()
     gen.generate(["a photo of a red circle"], steps=2, guidance=1.0, landing="midpoint")
-    grid2 = time_grid(2, 64, cfg.sampler.shift_base_len)
+    grid2 = time_grid(2, cfg.shift_mu((32, 32)))
     _, s = net.calls[0]
     assert torch.allclose(s, ((grid2[0] + grid2[1]) / 2).expand_as(s))
 
 
 def test_auto_landing_must_be_resolved_before_sampling():
-    from selfe.sampling import resolve_landing
+    from selfe.core.sampling import resolve_landing
 
     assert resolve_landing("auto", "flow_matching") == "current"
     assert resolve_landing("midpoint", "flow_matching") == "midpoint"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from selfe.runlog import RunLogger
+from selfe.tracking.runlog import RunLogger
 
 
 class HangingClient:
@@ -80,7 +80,7 @@ def test_an_outage_keeps_close_on_its_deadline_and_the_next_logger_delivers_the_
     back = HangingClient()
     back.calls = 1  # answers at once
     back.sent = [type("M", (), {"key": "loss", "step": s})() for s in range(1, 11)]
-    import selfe.runlog as runlog
+    import selfe.tracking.runlog as runlog
 
     monkeypatch.setattr(runlog, "MlflowClient", lambda: back)
     replay = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)

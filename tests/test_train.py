@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-
 import pytest
 import ray
 import torch
 
 from selfe.config import load_config
-from selfe.model import build_model
+from selfe.core.model import build_model
 from selfe.train.checkpoint import is_complete, load_checkpoint, load_weights
 from selfe.train.job import fit
 from selfe.train.step import build_optimizer
-from tests.synthetic import TINY_OVERRIDES, null_text, synthetic_dataset
+from selfe.train.faults import KillOnce
+from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +30,8 @@ def _cfg(tmp_path, name, *extra):
                                   *extra])
 
 
-def _fit(cfg, fault=None):
-    loop = {"config": asdict(cfg), "null_text": null_text(), "mlflow_run_id": None, "grid": None, "fault": fault}
-    return fit(cfg, cfg.train.run_name, {"train": synthetic_dataset()}, loop)
+def _fit(cfg, fault: KillOnce | None = None):
+    return fit(cfg, cfg.train.run_name, {"train": synthetic_dataset()}, inputs(cfg, step_hooks=[fault] if fault else []))
 
 
 def test_two_workers_shard_every_parameter(tmp_path):
@@ -60,7 +58,7 @@ def test_two_workers_shard_every_parameter(tmp_path):
 
 def _final_state(cfg, result):
     model, ema = build_model(cfg.model), build_model(cfg.model)
-    opt = build_optimizer(model, 1e-3, 0.9, 0.95, 0.0)
+    opt = build_optimizer(model, cfg.optim)
     with result.checkpoint.as_directory() as ckpt:
         progress = load_checkpoint(ckpt, model, ema, opt)
     exp_avg = torch.cat([opt.state[p]["exp_avg"].flatten() for p in model.parameters()])
@@ -75,7 +73,7 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(tmp_path):
     ref = _fit(ref_cfg)
     cfg = _cfg(tmp_path, "interrupted", *common)
     marker = tmp_path / "failed-once"
-    res = _fit(cfg, fault={"step": 5, "marker": str(marker)})
+    res = _fit(cfg, fault=KillOnce(5, str(marker)))
     assert marker.exists(), "the injected failure did not happen"
     assert res.error is None
     p_ref, m_ref, adam_ref = _final_state(ref_cfg, ref)
@@ -104,3 +102,31 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_older_one(tmp_path):
     assert res.error is None
     assert res.metrics["resumed_from"] == 3 and res.metrics["step"] == 9
     assert not (run_dir / "checkpoint_2000-01-01_00-00-00.000000").exists()
+
+
+def test_an_autoencoder_kl_run_logs_tokens_per_second_and_mfu(tmp_path):
+    """Throughput comes from the cache's latent shape whatever the codec: a run on a tiny random
+    diffusers VAE (4 x 16 x 16 latents of 32 x 32 images, 2 x 2 patches: 64 tokens) logs tokens/s and,
+    with a configured device peak, MFU."""
+    from selfe.data.cache import build_cache, load_cache, read_null_text
+    from selfe.data.contract import latent_shape
+    from selfe.perf import train_flops_per_image
+    from selfe.train.handoff import WorkerInputs
+    from tests.synthetic import save_tiny_vae
+
+    vae = save_tiny_vae(tmp_path / "vae", seed=0)
+    cfg = _cfg(tmp_path, "vae", "--codec.kind=autoencoder_kl", f"--codec.path={vae}", "--model.in_channels=4",
+               "--model.patch_size=2", "--data.num_samples=32", f"--data.cache_root={tmp_path / 'cache'}",
+               "--data.encode_actors=1", "--train.steps=2", "--train.checkpoint_every=2", "--train.peak_tflops=0.5")
+    cache_path, manifest = build_cache(cfg)
+    shape = latent_shape(manifest)
+    assert shape == (4, 16, 16)
+    res = fit(cfg, "vae", {"train": load_cache(cache_path, cfg)}, WorkerInputs(cfg, read_null_text(cache_path), shape))
+    assert res.error is None
+    m = res.metrics
+    print(f"autoencoder_kl run: {m['images_per_s']:.1f} img/s, {m['tokens_per_s']:.0f} tokens/s, "
+          f"{m['tflops_per_s']:.4f} TFLOP/s, MFU {m['mfu']:.4%} of a configured 0.5 TFLOP/s")
+    assert m["tokens_per_s"] == pytest.approx(m["images_per_s"] * 64)
+    flops = train_flops_per_image(cfg.model, 64, cfg.text.max_tokens, cfg.objective.method, cfg.objective.p_s_equals_t)
+    assert m["tflops_per_s"] == pytest.approx(flops * 8 / m["compute_s"] / 1e12, rel=1e-6)  # batch 8, one step
+    assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.5) and m["mfu"] > 0

@@ -1,15 +1,12 @@
 """The single-process reference loop (no Ray): both objectives learn a trivially learnable task."""
 
-import itertools
-
 import pytest
 import torch
 
 from selfe.config import load_config
-from selfe.objective import TextCond
-from selfe.sampling import SamplerConfig, resolve_landing, sample
+from selfe.core.sampling import SamplerConfig, resolve_landing, sample
+from selfe.core.types import Batch, TextCond
 from selfe.train.local import train_local
-from selfe.train.step import Batch
 
 
 def _batches(batch=16, seed=0):
@@ -32,7 +29,7 @@ def test_reference_loop_learns_class_colours(method):
         "--optim.warmup_steps=10", "--optim.lr=2e-3", "--ema.decay=0.9", "--train.steps=100", "--data.resolution=8",
     ])
     null = TextCond(torch.zeros(1, 4, 8), torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 8))
-    model, ema, history = train_local(cfg, _batches(), null)
+    model, ema, history = train_local(cfg, _batches(), null, cfg.model.num_tokens(8, 8))
     first = sum(h["loss"] for h in history[:10]) / 10
     last = sum(h["loss"] for h in history[-10:]) / 10
     assert last < 0.5 * first, (first, last)
@@ -41,7 +38,7 @@ def test_reference_loop_learns_class_colours(method):
     test = next(_batches(batch=12, seed=1))
     out, _ = sample(ema, torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(2)), test.cond, null,
                     SamplerConfig(steps=2, guidance=2.0, landing=resolve_landing("auto", method)),
-                    cfg.model.patch_size)
+                    cfg.shift_mu((8, 8)))
     predicted = out.mean(dim=(2, 3)).argmax(dim=1)
     expected = test.x0.mean(dim=(2, 3)).argmax(dim=1)
     assert (predicted == expected).float().mean() >= 0.9

@@ -17,10 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from selfe.configtools import ConfigError  # noqa: E402
-from selfe.sweep.space import load_space  # noqa: E402
+from selfe.configtools import ConfigError
+from selfe.sweep.space import load_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "default.toml"
 

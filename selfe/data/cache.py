@@ -33,19 +33,21 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from selfe.config import Config
+from selfe.core.types import TextCond
 from selfe.configtools import ConfigError
 from selfe.data.cachekey import FORMAT_VERSION, cache_dir, cache_key
+from selfe.data.contract import TEXT_FIELDS, latent_shape, manifest_columns
 from selfe.data.cachelock import build_lock
 from selfe.data.integrity import damaged_files, fingerprint
 from selfe.data.sources import (
     byte_source_dataset,
     check_location,
     detect_format,
-    filesystem_for,
     list_files,
     shapes_dataset,
 )
 from selfe.data.transforms import EncodeBatch, Ledger, build_encoders, decode_batch, encoder_info
+from selfe.storage import ensure_ray, filesystem_for
 
 MANIFEST = "manifest.json"
 NULL_TEXT = "null_text.safetensors"
@@ -82,14 +84,15 @@ def read_manifest(path: str, endpoint: str = "") -> dict:
         return json.loads(stream.read())
 
 
-def read_null_text(path: str, endpoint: str = "") -> dict[str, Any]:
+def read_null_text(path: str, endpoint: str = "") -> TextCond:
     """The embedding of "" stored with the cache: tokens (1, L, D) f32, mask (1, L) bool, pooled (1, Dp) f32."""
     from safetensors.torch import load
 
     manifest = read_manifest(path, endpoint)  # a half-built cache has no trustworthy null embedding
     fs, root = filesystem_for(path, endpoint)
     with fs.open_input_stream(posixpath.join(root, manifest["null_text"])) as stream:
-        return load(stream.read())
+        tensors = load(stream.read())
+    return TextCond(*(tensors[f] for f in TEXT_FIELDS))
 
 
 def validate_manifest(manifest: dict, cfg: Config, path: str = "cache") -> None:
@@ -101,7 +104,7 @@ def validate_manifest(manifest: dict, cfg: Config, path: str = "cache") -> None:
     text = manifest["text_encoder"]
     checks = [
         ("resolution", manifest["resolution"], cfg.data.resolution, "data.resolution"),
-        ("latent channels", manifest["columns"]["latent"]["shape"][0], cfg.model.in_channels, "model.in_channels"),
+        ("latent channels", latent_shape(manifest)[0], cfg.model.in_channels, "model.in_channels"),
         ("text width", text["width"], cfg.model.text_width, "model.text_width"),
         ("pooled text width", text["pooled_width"], cfg.model.pooled_width, "model.pooled_width"),
         ("max tokens", text["max_tokens"], cfg.text.max_tokens, "text.max_tokens"),
@@ -162,11 +165,9 @@ def build_cache(cfg: Config, force: bool = False, num_cpus: int | None = None) -
     """Build the cache for ``cfg`` (or reuse a complete one): returns (cache dir, manifest).
 
     Inputs are checked before any work. Ray is started only when there is work to do, and only if
-    it is not running yet: ``ray.init()`` joins the cluster when ``RAY_ADDRESS`` is set, else a local
-    instance with ``num_cpus`` CPUs (default: all) starts.
+    it is not running yet (``selfe.storage.ensure_ray``: the cluster when ``RAY_ADDRESS`` is set, else
+    a local instance with ``num_cpus`` CPUs, default all).
     """
-    import ray
-
     data, endpoint = cfg.data, cfg.data.s3_endpoint
     key, out = cache_key(cfg), cache_dir(cfg)
     check_location(data.cache_root, endpoint, "data.cache_root", must_exist=False)
@@ -200,8 +201,7 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
     data = cfg.data
     build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     build_root = posixpath.join(root, BUILDS_DIR, build_id)
-    if not ray.is_initialized():
-        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": num_cpus, "include_dashboard": False}))
+    ensure_ray(num_cpus)
     _check_resources(cfg, source_format)
     ledger = ray.remote(num_cpus=0)(Ledger).remote()
     try:
@@ -286,17 +286,10 @@ def _finish(
     counts: dict[str, int], examples: dict[str, list[str]], info: dict, elapsed: float, previous: dict | None,
 ) -> dict:
     """Count the build's rows, check the accounting, write null_text then the manifest (last)."""
-    import pyarrow.parquet as pq
     from safetensors.torch import save
 
-    data_root = posixpath.join(build_root, DATA_DIR)
-    infos = fs.get_file_info(pafs.FileSelector(data_root, allow_not_found=True))
-    written = {i.path: i.size for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")}
+    written, rows = _count_rows(fs, build_root)
     files = sorted(written)
-    rows = 0
-    for path in files:
-        with fs.open_input_file(path) as handle:
-            rows += pq.ParquetFile(handle).metadata.num_rows
     skipped = {r: counts[r] for r in sorted(counts) if r not in ("seen", "written", "truncated_caption") and counts[r]}
     seen = cfg.data.num_samples if source_format == "shapes" else counts.get("seen", 0)
     for reason, n in skipped.items():
@@ -329,17 +322,8 @@ def _finish(
         "file_sha256": fingerprint(fs, root, [posixpath.relpath(path, root) for path in files]),
         "null_text": posixpath.relpath(posixpath.join(build_root, NULL_TEXT), root),
         "superseded": superseded,
-        "columns": {
-            "latent": {"shape": info["latent_shape"], "dtype": "float16"},
-            "text_tokens": {"shape": [text["max_tokens"], text["width"]], "dtype": "float16"},
-            "text_mask": {"shape": [text["max_tokens"]], "dtype": "bool"},
-            "text_pooled": {"shape": [text["pooled_width"]], "dtype": "float16"},
-            "caption": {"dtype": "string"},
-            "spec": {"dtype": "string"},
-            **({"fake_tokens": {"shape": [text["max_tokens"], text["width"]], "dtype": "float16"},
-                "fake_mask": {"shape": [text["max_tokens"]], "dtype": "bool"},
-                "fake_pooled": {"shape": [text["pooled_width"]], "dtype": "float16"}} if cfg.objective.fake_score else {}),
-        },
+        "columns": manifest_columns(info["latent_shape"], text["max_tokens"], text["width"], text["pooled_width"],
+                                    cfg.objective.fake_score),
         "fake_prompt_prefix": cfg.objective.fake_prompt_prefix if cfg.objective.fake_score else None,
         "codec": {"kind": cfg.codec.kind, **info["codec"]},
         "text_encoder": text,
@@ -352,6 +336,19 @@ def _finish(
     }
     _write_bytes(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _count_rows(fs: pafs.FileSystem, build_root: str) -> tuple[dict[str, int], int]:
+    """({parquet path: bytes}, total rows) of a build's data folder, from the files' footers."""
+    import pyarrow.parquet as pq
+
+    infos = fs.get_file_info(pafs.FileSelector(posixpath.join(build_root, DATA_DIR), allow_not_found=True))
+    written = {i.path: i.size for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")}
+    rows = 0
+    for path in written:
+        with fs.open_input_file(path) as handle:
+            rows += pq.ParquetFile(handle).metadata.num_rows
+    return written, rows
 
 
 def _source_params(cfg: Config, source_format: str) -> dict:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
-from selfe.data.sources import s3_endpoint
+from selfe.storage import s3_client
 
 
 class CacheLockTimeout(TimeoutError):
@@ -76,11 +76,10 @@ def _file_lock(path: str, timeout_s: float, poll_s: float) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _s3_lock(uri: str, endpoint: str, timeout_s: float, poll_s: float, stale_s: float) -> Iterator[None]:
-    import boto3
     from botocore.exceptions import ClientError
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    client = boto3.client("s3", endpoint_url=s3_endpoint(endpoint) or None)
+    client = s3_client(endpoint)
     owner, deadline, waited = _owner(), time.time() + timeout_s, False
     while True:
         try:

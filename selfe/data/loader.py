@@ -13,31 +13,13 @@ from collections.abc import Iterator
 
 import torch
 
-from selfe.objective import TextCond
-from selfe.train.step import Batch
-
-TENSOR_COLUMNS = ("latent", "text_tokens", "text_mask", "text_pooled")
-FAKE_COLUMNS = ("fake_tokens", "fake_mask", "fake_pooled")
+from selfe.core.types import Batch
+from selfe.data.contract import batch_from_rows, training_columns
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of ``range(n)`` that depends only on (run seed, epoch): (n,) int64."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
-
-
-def batch_from_rows(rows: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Batch:
-    """Cache columns (any subset of rows) -> an fp32 `Batch` on ``device``.
-
-    rows: latent (B, C, h, w), text_tokens (B, L, D), text_mask (B, L), text_pooled (B, Dp), and the
-    fake_* columns when the cache has them.
-    """
-    cond = TextCond(rows["text_tokens"].to(device, torch.float32), rows["text_mask"].to(device, torch.bool),
-                    rows["text_pooled"].to(device, torch.float32))
-    fake = None
-    if "fake_tokens" in rows:
-        fake = TextCond(rows["fake_tokens"].to(device, torch.float32), rows["fake_mask"].to(device, torch.bool),
-                        rows["fake_pooled"].to(device, torch.float32))
-    return Batch(rows["latent"].to(device, torch.float32), cond, fake)
 
 
 def read_cache_tensors(cache_path: str, endpoint: str = "") -> dict[str, torch.Tensor]:
@@ -49,11 +31,11 @@ def read_cache_tensors(cache_path: str, endpoint: str = "") -> dict[str, torch.T
     import ray.data  # noqa: F401  (registers the tensor extension type the cache's columns use)
 
     from selfe.data.cache import read_manifest
-    from selfe.data.sources import filesystem_for
+    from selfe.storage import filesystem_for
 
     manifest = read_manifest(cache_path, endpoint)
     fs, root = filesystem_for(cache_path, endpoint)
-    columns = [c for c in (*TENSOR_COLUMNS, *FAKE_COLUMNS) if c in manifest["columns"]]
+    columns = training_columns(manifest)
     files = [posixpath.join(root, name) for name in manifest["files"]]
     table = pq.read_table(files, columns=columns, filesystem=fs)
     return {c: torch.from_numpy(table.column(c).combine_chunks().to_numpy_ndarray()) for c in columns}

@@ -20,13 +20,13 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from selfe.configtools import ConfigError
+from selfe.storage import s3_client, s3_endpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -34,28 +34,6 @@ _ROWS_PER_BLOCK = 256
 
 
 # ---------------------------------------------------------------- locations
-
-
-def s3_endpoint(configured: str = "") -> str:
-    """The S3 endpoint URL to use: the configured one, else the standard AWS environment variables."""
-    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-
-
-def filesystem_for(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path within it) for a local path or an ``s3://`` URI."""
-    if not uri.startswith("s3://"):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    path = uri.removeprefix("s3://").rstrip("/")
-    endpoint = s3_endpoint(endpoint)
-    if not endpoint:
-        fs, _ = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region on AWS
-        return fs, path
-    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    # Delayed open sends objects below the part size as one PUT instead of a multipart upload: fewer
-    # round trips, and moto (5.x) answers CompleteMultipartUpload with a body the AWS C++ SDK rejects.
-    fs = pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region, allow_delayed_open=True)
-    return fs, path
 
 
 def check_location(uri: str, endpoint: str, what: str, must_exist: bool = True) -> None:
@@ -94,7 +72,7 @@ def _check_s3(uri: str, endpoint: str, what: str, must_exist: bool) -> None:
             f"no AWS credentials found to read {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             f"(or AWS_PROFILE)"
         )
-    client = session.client("s3", endpoint_url=endpoint or None)
+    client = s3_client(endpoint, session)
     try:
         client.head_bucket(Bucket=bucket)
         if must_exist:

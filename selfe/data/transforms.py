@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from selfe.data.contract import FAKE_COLUMNS, TEXT_COLUMNS
+
 SKIP_REASONS = (
     "missing_image",  # referenced file absent, empty bytes, or a sample without an image member
     "missing_caption",  # no caption, or only whitespace
@@ -192,7 +194,7 @@ class CaptionEmbeddings:
                 emb.tokens.to(torch.float16).cpu().numpy(),
                 emb.mask.cpu().numpy().astype(bool),
                 emb.pooled.to(torch.float16).cpu().numpy(),
-                emb.truncated.cpu().numpy().astype(bool),
+                self.text.truncated(chunk).numpy(),
             )
             for row, caption in enumerate(chunk):
                 self._memo[caption] = tuple(column[row] for column in columns)
@@ -211,7 +213,7 @@ class CaptionEmbeddings:
                 "text_pooled": np.zeros((0, text.pooled_width), np.float16),
                 "truncated": np.zeros(0, bool),
             }
-        names = ("text_tokens", "text_mask", "text_pooled", "truncated")
+        names = (*TEXT_COLUMNS, "truncated")
         return {name: np.stack([row[i] for row in rows]) for i, name in enumerate(names)}
 
 
@@ -306,7 +308,7 @@ class EncodeBatch:
         truncated = out.pop("truncated")
         if self.fake_prefix is not None:
             fake = self.text([self.fake_prefix + c for c in captions])
-            out.update({f"fake_{k.removeprefix('text_')}": fake[k] for k in ("text_tokens", "text_mask", "text_pooled")})
+            out.update({f: fake[t] for t, f in zip(TEXT_COLUMNS, FAKE_COLUMNS)})
         examples = {"truncated_caption": [ids[i] for i in np.flatnonzero(truncated)[:_EXAMPLES_PER_REASON]]}
         _report(self.ledger, "encode", ids, {"written": len(ids), "truncated_caption": int(truncated.sum())}, examples)
         out["caption"] = np.array(captions, dtype=object)

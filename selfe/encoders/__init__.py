@@ -13,7 +13,7 @@ from selfe.encoders.image import (
     tensor_to_images,
 )
 from selfe.encoders.storage import MINILM, fingerprint_model_dir, resolve_model_dir
-from selfe.encoders.text import TextEmbedding, TextEncoder, TextEncoderConfig
+from selfe.encoders.text import TextEncoder, TextEncoderConfig
 
 __all__ = [
     "MINILM",
@@ -21,7 +21,6 @@ __all__ = [
     "CodecConfig",
     "ImageCodec",
     "PixelCodec",
-    "TextEmbedding",
     "TextEncoder",
     "TextEncoderConfig",
     "build_codec",

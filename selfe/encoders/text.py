@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # transformers takes seconds to import: load it only when an 
     from transformers import PreTrainedModel
     from transformers.utils import ModelOutput
 
+from selfe.core.types import TextCond
 from selfe.encoders.storage import MINILM, load_pretrained, model_id, resolve_model_dir
 
 # Checkpoints whose AutoModel is more than a text encoder. The dedicated classes load only the text
@@ -45,20 +46,6 @@ class TextEncoderConfig:
             raise ValueError(
                 f"text encoder max_tokens ({self.max_tokens}) and batch_size ({self.batch_size}) must be >= 1"
             )
-
-
-@dataclass
-class TextEmbedding:
-    """Encoded captions. Padding positions of ``tokens`` are zero, so rows depend only on their caption."""
-
-    tokens: torch.Tensor
-    """(B, L, width) per-token hidden states, L == max_tokens."""
-    mask: torch.Tensor
-    """(B, L) bool, True where a real (non-padding) token sits."""
-    pooled: torch.Tensor
-    """(B, pooled_width) one vector per caption."""
-    truncated: torch.Tensor
-    """(B,) bool, True where the caption had more than max_tokens tokens and was cut."""
 
 
 class TextEncoder:
@@ -95,11 +82,11 @@ class TextEncoder:
         self.width = probe.tokens.shape[-1]
         self.pooled_width = probe.pooled.shape[-1]
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+    def encode(self, prompts: Sequence[str]) -> TextCond:
         """Encode captions in batches of ``cfg.batch_size``; ``""`` is the null (unconditional) caption.
 
-        Returns tensors on the encoder's device: tokens (B, L, width), mask (B, L), pooled
-        (B, pooled_width), truncated (B,).
+        Returns tensors on the encoder's device: tokens (B, L, width) zero at padding, mask (B, L),
+        pooled (B, pooled_width).
         """
         if isinstance(prompts, str):
             raise TypeError("encode() takes a sequence of captions; wrap a single caption in a list")
@@ -110,17 +97,20 @@ class TextEncoder:
             return self._empty()
         # Concatenating outside inference mode yields ordinary tensors: inference tensors cannot be saved
         # for backward, and callers feed these embeddings into a model that is being trained.
-        return TextEmbedding(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TextEmbedding)))
+        return TextCond(*(torch.cat([getattr(p, name) for p in parts]) for name in ("tokens", "mask", "pooled")))
 
-    def _encode_batch(self, prompts: list[str]) -> TextEmbedding:
+    def truncated(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B,) bool: True where a caption has more than ``max_tokens`` tokens and `encode` cuts it."""
+        ids = self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"] if prompts else []
+        return torch.tensor([len(x) > self.max_tokens for x in ids], dtype=torch.bool)
+
+    def _encode_batch(self, prompts: list[str]) -> TextCond:
         # The model runs only up to the batch's longest caption and the outputs are zero-padded to
         # max_tokens afterwards: short captions then cost a fraction of a full-length pass, and with right
         # padding under the attention mask the real tokens' states do not depend on the padding.
         batch = self.tokenizer(
             prompts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
         ).to(self.device)
-        untruncated = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
-        truncated = torch.tensor([len(ids) > self.max_tokens for ids in untruncated], device=self.device)
         mask = batch["attention_mask"].bool()
         with torch.inference_mode():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -130,7 +120,7 @@ class TextEncoder:
             tokens[:, : states.shape[1]] = states
             full_mask = mask.new_zeros(len(prompts), self.max_tokens)
             full_mask[:, : mask.shape[1]] = mask
-        return TextEmbedding(tokens=tokens, mask=full_mask, pooled=pooled, truncated=truncated)
+        return TextCond(tokens, full_mask, pooled)
 
     def _pool(self, out: ModelOutput, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L, width) -> (B, pooled_width): the model's own sentence vector, else masked mean + L2 norm."""
@@ -143,13 +133,12 @@ class TextEncoder:
         mean = tokens.float().sum(dim=1) / counts
         return F.normalize(mean, dim=-1).to(tokens.dtype)
 
-    def _empty(self) -> TextEmbedding:
+    def _empty(self) -> TextCond:
         dtype = self.model.dtype
-        return TextEmbedding(
-            tokens=torch.zeros(0, self.max_tokens, self.width, dtype=dtype, device=self.device),
-            mask=torch.zeros(0, self.max_tokens, dtype=torch.bool, device=self.device),
-            pooled=torch.zeros(0, self.pooled_width, dtype=dtype, device=self.device),
-            truncated=torch.zeros(0, dtype=torch.bool, device=self.device),
+        return TextCond(
+            torch.zeros(0, self.max_tokens, self.width, dtype=dtype, device=self.device),
+            torch.zeros(0, self.max_tokens, dtype=torch.bool, device=self.device),
+            torch.zeros(0, self.pooled_width, dtype=dtype, device=self.device),
         )
 
 

@@ -18,13 +18,15 @@ from typing import Any
 
 from selfe.config import Config
 from selfe.configtools import ConfigError
+from selfe.data.contract import latent_shape
+from selfe.storage import train_storage
 from selfe.sweep.space import (
     SweepSpec, grace_period, max_steps, param_space, search_algorithm, spec_from_json, spec_to_json,
 )
 from selfe.sweep.summary import (
     COMPLETED, FAILED, STOPPED, TrialRow, best_row, markdown_table, plot_png, rows_from_results,
 )
-from selfe.sweep.trial import ROLE_TAG, SWEEP_TAG, TrialContext, find_runs, run_trial
+from selfe.sweep.trial import TrialContext, parent_tags, run_trial, trial_tags
 
 SWEEP_BEST_ALIAS = "sweep-best"
 SPEC_FILE = "selfe_sweep.json"
@@ -56,22 +58,6 @@ def default_sweep_name() -> str:
 def trial_dirname(trial: Any) -> str:
     """Trial folders named by trial id alone (results are matched to trials by it)."""
     return trial.trial_id
-
-
-def _storage(storage_path: str) -> tuple[str, Any]:
-    """(path for Tune, pyarrow filesystem or None): local paths made absolute; a URI becomes a path
-    on its filesystem (an S3-compatible endpoint from AWS_ENDPOINT_URL is honoured)."""
-    import pyarrow.fs as pafs
-
-    from selfe.train.job import storage_filesystem
-
-    if "://" not in storage_path:
-        return str(Path(storage_path).resolve()), None
-    fs = storage_filesystem(storage_path)
-    if fs is not None:
-        return storage_path.removeprefix("s3://").rstrip("/"), fs
-    fs, path = pafs.FileSystem.from_uri(storage_path)
-    return path.rstrip("/"), fs
 
 
 def _absolute_inputs(spec: SweepSpec, base: Config) -> None:
@@ -116,19 +102,19 @@ def run_sweep(spec: SweepSpec, resume: bool = False, out_root: str = "outputs") 
 
     from selfe.data.cache import build_cache
     from selfe.sweep.resources import max_concurrent_trials
-    from selfe.train.job import ensure_ray
+    from selfe.storage import ensure_ray
 
     t0 = time.time()
     spec, experiment_path, fs, restoring = _locate(spec, resume)
     base = spec.base_config()
-    ensure_ray(base)
+    ensure_ray()
     cache_path, manifest = build_cache(base)  # once, before any trial: every trial reads it
     concurrency = max_concurrent_trials(base, ray.cluster_resources(), spec.max_concurrent)
     parent_run_id = _parent_run(base, spec) if base.tracking.enabled else None
     uri = spec.storage_path.rstrip("/")  # the Train runs take the storage as given (fit() resolves URIs)
-    train_storage = f"{uri}/{spec.name}/train_runs" if "://" in uri else f"{experiment_path}/train_runs"
-    context = TrialContext(spec=spec, sweep_name=spec.name, train_storage=train_storage, cache_path=cache_path,
-                           latent_size=manifest["columns"]["latent"]["shape"][-1], parent_run_id=parent_run_id)
+    runs = f"{uri}/{spec.name}/train_runs" if "://" in uri else f"{experiment_path}/train_runs"
+    context = TrialContext(spec=spec, sweep_name=spec.name, train_storage=runs, cache_path=cache_path,
+                           latent_shape=latent_shape(manifest), parent_run_id=parent_run_id)
     print(f"[sweep] {spec.name}: {spec.search} search over {', '.join(spec.keys())}; up to {concurrency} trial(s) "
           f"at once; results in {experiment_path}", flush=True)
     tuner = _tuner(spec, base, context, experiment_path, fs, restoring, concurrency)
@@ -157,7 +143,7 @@ def _locate(spec: SweepSpec, resume: bool) -> tuple[SweepSpec, str, Any, bool]:
     from ray import tune
 
     spec = dataclasses.replace(spec, name=spec.name or default_sweep_name(), base=list(spec.base))
-    storage, fs = _storage(spec.storage_path)
+    storage, fs = train_storage(spec.storage_path, spec.base_config().data.s3_endpoint, resolve_uri=True)
     experiment_path = f"{storage}/{spec.name}"
     restoring = tune.Tuner.can_restore(experiment_path, storage_filesystem=fs)
     if resume and not restoring:
@@ -211,20 +197,13 @@ def _tune_config(spec: SweepSpec, base: Config, concurrency: int) -> Any:
 
 def _parent_run(base: Config, spec: SweepSpec) -> str:
     """The sweep's MLflow parent run (the existing one when the sweep resumes)."""
-    from mlflow.tracking import MlflowClient
+    from selfe.tracking import find_or_start_run, log_run_file, log_run_text
 
-    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run
-
-    setup_tracking(base)
-    found = find_runs(get_or_create_experiment(base.tracking.experiment), spec.name)
-    if found:
-        return found[0]
-    run_id = start_run(base, spec.name, tags={SWEEP_TAG: spec.name, ROLE_TAG: "parent",
-                                              "selfe.sweep_space": spec.source, "selfe.sweep_search": spec.search})
-    client = MlflowClient()
-    client.log_text(run_id, spec_to_json(spec), "sweep/spec.json")
+    run_id = find_or_start_run(base, spec.name, match=parent_tags(spec.name),
+                               tags={"selfe.sweep_space": spec.source, "selfe.sweep_search": spec.search})
+    log_run_text(run_id, spec_to_json(spec), "sweep/spec.json")
     if spec.source and os.path.isfile(spec.source):
-        client.log_artifact(run_id, spec.source, "sweep")
+        log_run_file(run_id, spec.source, "sweep")
     return run_id
 
 
@@ -239,33 +218,26 @@ def _export(spec: SweepSpec, best: TrialRow, model_dir: Path, fs: Any) -> None:
 def _finish_tracking(spec: SweepSpec, base: Config, rows: list[TrialRow], best: TrialRow | None, parent_run_id: str,
                      table: str, png: bytes | None, out_dir: Path, fs: Any) -> int | None:
     """Close the child runs with their outcome, register the best model, log the summary to the parent."""
-    from mlflow.tracking import MlflowClient
+    from selfe.tracking import end_run, find_run, log_and_register, run_tags, set_run_tags
+    from selfe.tracking.runlog import RunLogger
 
-    from selfe.runlog import RunLogger
-    from selfe.tracking import get_or_create_experiment, log_and_register
-
-    client = MlflowClient()
-    experiment_id = get_or_create_experiment(base.tracking.experiment)
     for row in rows:
-        found = find_runs(experiment_id, spec.name, row.trial_id)
-        row.child_run_id = found[0] if found else None
+        row.child_run_id = find_run(base.tracking.experiment, trial_tags(spec.name, row.trial_id))
     version = None
-    parent = client.get_run(parent_run_id)
+    parent = run_tags(parent_run_id)
     if best is not None:
-        if parent.data.tags.get(BEST_TRIAL_TAG) == best.trial_id and BEST_VERSION_TAG in parent.data.tags:
-            version = int(parent.data.tags[BEST_VERSION_TAG])  # a finished sweep, rerun: registered already
+        if parent.get(BEST_TRIAL_TAG) == best.trial_id and BEST_VERSION_TAG in parent:
+            version = int(parent[BEST_VERSION_TAG])  # a finished sweep, rerun: registered already
         else:
             _export(spec, best, out_dir / "best_model", fs)
             version = log_and_register(best.child_run_id or parent_run_id, out_dir / "best_model",
                                        base.tracking.registered_model, SWEEP_BEST_ALIAS, promote_champion=False)
-            client.set_tag(parent_run_id, BEST_TRIAL_TAG, best.trial_id)
-            client.set_tag(parent_run_id, BEST_VERSION_TAG, str(version))
-            for key, value in best.params.items():
-                client.set_tag(parent_run_id, f"sweep.best.{key}", str(value))
+            set_run_tags(parent_run_id, {BEST_TRIAL_TAG: best.trial_id, BEST_VERSION_TAG: version,
+                                         **{f"sweep.best.{k}": v for k, v in best.params.items()}})
     for row in rows:
         if row.child_run_id:
-            client.set_tag(row.child_run_id, "selfe.sweep_outcome", row.outcome)
-            client.set_terminated(row.child_run_id, MLFLOW_STATUS[row.outcome])
+            set_run_tags(row.child_run_id, {"selfe.sweep_outcome": row.outcome})
+            end_run(row.child_run_id, MLFLOW_STATUS[row.outcome])
     logger = RunLogger(parent_run_id)
     metrics = {"trials": len(rows), "trials_stopped_early": sum(r.outcome == STOPPED for r in rows),
                "trials_failed": sum(r.outcome == FAILED for r in rows)}
@@ -275,5 +247,5 @@ def _finish_tracking(spec: SweepSpec, base: Config, rows: list[TrialRow], best: 
     logger.log_artifact_bytes(table.encode(), "sweep/summary.md")
     if png:
         logger.log_artifact_bytes(png, "sweep/sweep.png")
-    client.set_terminated(parent_run_id, "FINISHED")
+    end_run(parent_run_id)
     return version

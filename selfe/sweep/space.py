@@ -31,6 +31,7 @@ from typing import Any
 
 from selfe.config import Config, load_config
 from selfe.configtools import ConfigError, check_name, parse_overrides
+from selfe.eval.metrics import FEWSTEP_METRIC
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +42,6 @@ SEARCHES = ("grid", "random", "optuna")
 DISTRIBUTIONS = ("values", "uniform", "loguniform", "randint")
 SELF_EVAL_WEIGHT = "objective.self_eval_weight"
 HORIZON = "anneal_fraction"
-FEWSTEP_METRIC = "geneval_fewstep"  # selfe.train.worker.FEWSTEP_METRIC, without importing Ray here
 # Keys that change the encoded cache (built once for the whole sweep) or that the sweep sets itself.
 CACHE_PREFIXES = ("data.", "text.", "codec.")
 SWEEP_OWNED = ("preset", "train.run_name", "train.storage_path")

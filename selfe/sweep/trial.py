@@ -29,12 +29,22 @@ class TrialContext:
     train_storage: str
     """Where the trials' Train runs keep their checkpoints: inside the sweep's folder."""
     cache_path: str
-    latent_size: int
+    latent_shape: tuple[int, int, int]
     parent_run_id: str | None
 
 
 def trial_run_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-{trial_id}"
+
+
+def parent_tags(sweep_name: str) -> dict[str, str]:
+    """The tags that find a sweep's MLflow parent run."""
+    return {SWEEP_TAG: sweep_name, ROLE_TAG: "parent"}
+
+
+def trial_tags(sweep_name: str, trial_id: str) -> dict[str, str]:
+    """The tags that find one trial's MLflow child run."""
+    return {SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id}
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -45,7 +55,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
 
     from selfe.data.cache import load_cache, read_null_text
     from selfe.encoders.text import TextEncoder
-    from selfe.train.job import fit, loop_inputs
+    from selfe.train.handoff import worker_inputs
+    from selfe.train.job import fit, tracking_target
 
     trial_id = tune.get_context().get_trial_id()
     run_name = trial_run_name(context.sweep_name, trial_id)
@@ -56,9 +67,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     if cfg.tracking.enabled and context.parent_run_id:
         mlflow_run_id = child_run(cfg, context, trial_id, run_name, params)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per trial buries the log
-    loop_config = loop_inputs(cfg, TextEncoder(cfg.text), read_null_text(context.cache_path), context.latent_size,
-                              mlflow_run_id)
-    result = fit(cfg, run_name, {"train": load_cache(context.cache_path, cfg)}, loop_config,
+    inputs = worker_inputs(cfg, TextEncoder(cfg.text), read_null_text(context.cache_path), context.latent_shape,
+                           tracking_target(cfg, mlflow_run_id))
+    result = fit(cfg, run_name, {"train": load_cache(context.cache_path, cfg)}, inputs,
                  callbacks=[TuneReportCallback()])
     if result.error is not None:
         raise RuntimeError(f"trial {trial_id} ({run_name}) failed: {result.error}") from result.error
@@ -66,21 +77,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
 
 def child_run(cfg: Config, context: TrialContext, trial_id: str, run_name: str, params: dict[str, Any]) -> str:
     """This trial's MLflow child run under the sweep's parent; the same one when the trial restarts."""
-    from selfe.tracking import get_or_create_experiment, setup_tracking, start_run
+    from selfe.tracking import find_or_start_run
 
-    setup_tracking(cfg)  # also exports MLFLOW_TRACKING_URI, which loop_inputs hands to the workers
-    found = find_runs(get_or_create_experiment(cfg.tracking.experiment), context.sweep_name, trial_id)
-    if found:
-        return found[0]
-    tags = {SWEEP_TAG: context.sweep_name, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
-    tags.update({f"sweep.{k}": str(v) for k, v in params.items()})
-    return start_run(cfg, run_name, tags=tags, parent_run_id=context.parent_run_id)
-
-
-def find_runs(experiment_id: str, sweep_name: str, trial_id: str | None = None) -> list[str]:
-    """Run ids of a sweep's parent (trial_id None) or of one of its trials."""
-    from mlflow.tracking import MlflowClient
-
-    query = f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
-    query += f"tags.`{TRIAL_TAG}` = '{trial_id}'" if trial_id else f"tags.`{ROLE_TAG}` = 'parent'"
-    return [r.info.run_id for r in MlflowClient().search_runs([experiment_id], query, max_results=1)]
+    tags = {ROLE_TAG: "trial", **{f"sweep.{k}": str(v) for k, v in params.items()}}
+    return find_or_start_run(cfg, run_name, match=trial_tags(context.sweep_name, trial_id), tags=tags,
+                             parent_run_id=context.parent_run_id)

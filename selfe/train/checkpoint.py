@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from selfe.ema import reshard
+from selfe.core.ema import reshard
 
 PROGRESS_FILE = "progress.json"
 _HASH_CHUNK = 1 << 20

@@ -13,16 +13,18 @@ import torch
 from torch import nn
 
 from selfe.config import Config
-from selfe.ema import ema_decay_at, make_ema
-from selfe.model import build_model
-from selfe.objective import SelfEObjective, TextCond
-from selfe.train.step import Batch, build_optimizer, lr_at, mixed_precision_dtype, train_step
+from selfe.core.ema import ema_decay_at, make_ema
+from selfe.core.model import build_model
+from selfe.core.objective import SelfEObjective
+from selfe.core.types import Batch, TextCond
+from selfe.train.step import Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
 
 
 def train_local(
     cfg: Config,
     batches: Iterator[Batch],
     null_cond: TextCond,
+    image_tokens: int,
     steps: int | None = None,
     device: str = "cpu",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -30,6 +32,7 @@ def train_local(
     on_ema: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, nn.Module, list[dict[str, float]]]:
     """Train ``cfg.model`` for ``steps`` (default cfg.train.steps) and return (model, ema, per-step stats).
+    ``image_tokens``: tokens per image of the batches' latents (``cfg.model.num_tokens(h, w)``).
 
     ``stop`` is asked after every step; True ends training early (a time budget). The schedules
     (learning rate, tau) still run over ``steps``. ``on_ema(step, ema)`` sees the EMA model after
@@ -38,22 +41,17 @@ def train_local(
     total = steps or cfg.train.steps
     model = build_model(cfg.model, device)
     ema = make_ema(model)
-    objective = SelfEObjective(cfg.objective)
-    o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.beta1, o.beta2, o.weight_decay)
-    generator = torch.Generator(device).manual_seed(cfg.train.seed + 1)
-    autocast = mixed_precision_dtype(cfg.train.mixed_precision, device)
+    tr = Trainee(model, ema, SelfEObjective(cfg.objective, image_tokens), build_optimizer(model, cfg.optim),
+                 cfg.optim.grad_clip, mixed_precision_dtype(cfg.train.mixed_precision, device),
+                 torch.Generator(device).manual_seed(cfg.train.seed + 1))
     history: list[dict[str, float]] = []
     model.train()
     for step in range(total):
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
-        lr = lr_at(step, o.lr, o.lr_end, o.warmup_steps, total)
-        stats = train_step(
-            model, ema, objective, optimizer, batch, null_cond, step, lr,
-            o.grad_clip, ema_decay_at(step, cfg.ema, cfg.train.batch_size), autocast, generator=generator,
-        )
+        stats = train_step(tr, batch, null_cond, step, lr_at(step, cfg.optim, total),
+                           ema_decay_at(step, cfg.ema, cfg.train.batch_size))
         stats.update(step=step, data_s=t1 - t0, step_s=time.perf_counter() - t0)
         history.append(stats)
         if on_step is not None:

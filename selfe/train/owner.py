@@ -41,12 +41,10 @@ class _Store:
     def __init__(self, uri: str, endpoint: str = "") -> None:
         self.uri = uri
         if uri.startswith("s3://"):
-            import boto3
-
-            from selfe.data.sources import s3_endpoint
+            from selfe.storage import s3_client
 
             self.bucket, _, self.key = uri.removeprefix("s3://").partition("/")
-            self.s3 = boto3.client("s3", endpoint_url=s3_endpoint(endpoint) or None)
+            self.s3 = s3_client(endpoint)
         else:
             self.s3 = None
             os.makedirs(os.path.dirname(uri), exist_ok=True)

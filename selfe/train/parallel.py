@@ -7,6 +7,7 @@ plus the root for the embedders and the final layer.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,11 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from selfe.model import MMDiT, ModelConfig
+from selfe.core.model import MMDiT, ModelConfig
+from selfe.train.step import mixed_precision_dtype
+
+if TYPE_CHECKING:
+    from selfe.config import TrainConfig
 
 
 def _blocks(model: MMDiT) -> list[nn.Module]:
@@ -50,28 +55,26 @@ def shard(model: MMDiT, mp_dtype: torch.dtype | None = None) -> MMDiT:
     return model
 
 
-def build_sharded_model(
-    cfg: ModelConfig,
-    device: torch.device,
-    seed: int,
-    use_fsdp: bool = True,
-    mp_dtype: torch.dtype | None = None,
-    activation_checkpointing: bool = False,
-) -> MMDiT:
+def build_sharded_model(cfg: ModelConfig, train: TrainConfig, device: torch.device,
+                        activation_checkpointing: bool | None = None) -> MMDiT:
     """Build on the meta device, shard, materialise on ``device``, then initialise.
 
     No rank ever holds the full model. DTensor's random ops draw each shard from the same seeded
     stream as the full tensor, so every rank agrees on the weights whatever the world size.
+    ``train`` gives fsdp, mixed_precision, seed and activation_checkpointing (overridden by the
+    argument when given: the EMA never runs backward).
     """
+    if activation_checkpointing is None:
+        activation_checkpointing = train.activation_checkpointing
     with torch.device("meta"):
         model = MMDiT(cfg)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     # One worker has nothing to shard with: skip FSDP and its per-op DTensor overhead.
-    if use_fsdp and dist.is_initialized() and dist.get_world_size() > 1:
-        shard(model, mp_dtype)
+    if train.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
+        shard(model, mixed_precision_dtype(train.mixed_precision, device))
     model.to_empty(device=device)
-    torch.manual_seed(seed)
+    torch.manual_seed(train.seed)
     model.init_weights()
     return model
 

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from selfe.core.types import TextCond
+
 
 @dataclass
 class ObjectiveConfig:
@@ -69,39 +71,6 @@ class ObjectiveConfig:
             raise ValueError("objective.anneal_steps and objective.aux_start_step must be >= 0")
 
 
-@dataclass
-class TextCond:
-    """A batch of text conditions: tokens (B, L, Dt), mask (B, L) bool, pooled (B, Dp)."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-
-    def __getitem__(self, idx) -> "TextCond":
-        return TextCond(self.tokens[idx], self.mask[idx], self.pooled[idx])
-
-    def expand(self, batch: int) -> "TextCond":
-        """Broadcast a single condition (1, ...) to ``batch`` rows."""
-        return TextCond(
-            self.tokens.expand(batch, -1, -1), self.mask.expand(batch, -1), self.pooled.expand(batch, -1)
-        )
-
-    def where(self, take_other: torch.Tensor, other: "TextCond") -> "TextCond":
-        """Row-wise select: ``other`` where take_other (B,) is True, else self."""
-        m = take_other.bool()
-        return TextCond(
-            torch.where(m[:, None, None], other.tokens, self.tokens),
-            torch.where(m[:, None], other.mask, self.mask),
-            torch.where(m[:, None], other.pooled, self.pooled),
-        )
-
-    def cat(self, other: "TextCond") -> "TextCond":
-        return TextCond(
-            torch.cat([self.tokens, other.tokens]), torch.cat([self.mask, other.mask]),
-            torch.cat([self.pooled, other.pooled]),
-        )
-
-
 Network = Callable[..., torch.Tensor]
 
 
@@ -132,10 +101,11 @@ def tau_at(step: int, cfg: ObjectiveConfig) -> float:
 
 
 def sample_times(
-    b: int, num_tokens: int, step: int, cfg: ObjectiveConfig, device, generator: torch.Generator | None = None
+    b: int, mu: float, step: int, cfg: ObjectiveConfig, device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """t = shift(u) with u = sigmoid(m + s z), or u ~ U(0, 1) for a ``t_uniform_share`` of samples;
-    s = t w.p. p_s_equals_t, else s ~ U((1 - tau) t, t). Returns (t, s), (B,) each."""
+    s = t w.p. p_s_equals_t, else s ~ U((1 - tau) t, t); ``mu`` is the time shift (`time_shift_mu`).
+    Returns (t, s), (B,) each."""
     z = torch.randn(b, device=device, generator=generator)
     u = torch.sigmoid(cfg.t_logit_mean + cfg.t_logit_std * z)
     if cfg.t_uniform_share > 0:
@@ -143,7 +113,7 @@ def sample_times(
         pick = torch.rand(b, device=device, generator=generator) < cfg.t_uniform_share
         u = torch.where(pick, uniform, u)
     # The lower clamp keeps the loss's 1/t finite if a uniform draw is exactly 0.
-    t = shift_time(u, time_shift_mu(num_tokens, cfg.shift_base_len)).clamp(min=1e-4, max=cfg.t_max)
+    t = shift_time(u, mu).clamp(min=1e-4, max=cfg.t_max)
     if cfg.method == "flow_matching":
         return t, t.clone()
     tau = tau_at(step, cfg)
@@ -197,6 +167,23 @@ class Draws:
     eps: torch.Tensor
 
 
+@dataclass
+class _StepInputs:
+    """One call's inputs, shared by the loss and the self-evaluation target."""
+
+    model: nn.Module
+    ema: nn.Module
+    x0: torch.Tensor
+    cond: TextCond
+    """Per-sample conditions after text dropout."""
+    null_b: TextCond
+    """The null condition broadcast to the batch."""
+    fake_cond: TextCond | None
+    draws: Draws
+    step: int
+    generator: torch.Generator | None
+
+
 class SelfEObjective:
     """Computes the Self-E (or flow-matching) loss for one batch.
 
@@ -205,17 +192,18 @@ class SelfEObjective:
     the batch holds, so sharded collectives never deadlock.
     """
 
-    def __init__(self, cfg: ObjectiveConfig) -> None:
+    def __init__(self, cfg: ObjectiveConfig, image_tokens: int) -> None:
+        """``image_tokens``: tokens per training image (``ModelConfig.num_tokens`` of the latent shape);
+        it sets the time shift mu, as the sampler's grid does at the same resolution."""
         cfg.validate()
         self.cfg = cfg
+        self.mu = time_shift_mu(image_tokens, cfg.shift_base_len)
 
-    def draw(
-        self, x0: torch.Tensor, num_tokens: int, step: int, generator: torch.Generator | None = None
-    ) -> Draws:
+    def draw(self, x0: torch.Tensor, step: int, generator: torch.Generator | None = None) -> Draws:
         """Steps 1-3 and the noise of step 4: which prompts drop, (t, s) and eps."""
         b, device = x0.shape[0], x0.device
         drop = torch.rand(b, device=device, generator=generator) < self.cfg.text_drop_prob
-        t, s = sample_times(b, num_tokens, step, self.cfg, device, generator)
+        t, s = sample_times(b, self.mu, step, self.cfg, device, generator)
         eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
         return Draws(drop, t, s, eps)
 
@@ -236,8 +224,7 @@ class SelfEObjective:
         cfg = self.cfg
         b = x0.shape[0]
         if draws is None:
-            p = _patch(model)
-            draws = self.draw(x0, (x0.shape[-2] // p) * (x0.shape[-1] // p), step, generator)
+            draws = self.draw(x0, step, generator)
         null_b = null_cond.expand(b)
         cond = cond.where(draws.drop, null_b)  # 1. text dropout
         t, s, eps = draws.t, draws.s, draws.eps
@@ -253,9 +240,8 @@ class SelfEObjective:
         aux_loss = None
         selfe = cfg.method == "self_e"
         if selfe:
-            target, aux_loss, stats = self._self_eval_target(
-                model, ema, x0, x0_hat, cond, null_b, fake_cond, t, s, lam, step, generator
-            )
+            inputs = _StepInputs(model, ema, x0, cond, null_b, fake_cond, draws, step, generator)
+            target, aux_loss, stats = self._self_eval_target(inputs, x0_hat, lam)
         # 8. loss = mean_b w(t) mean|x0_hat - x_tgt|^2 with w = 1/t^2, computed as the equivalent
         # velocity regression V -> (x_t - x_tgt) / t, which stays well conditioned as t -> 0.
         v_target = (eps - x0) + (x0 - target) / tv
@@ -287,26 +273,27 @@ class SelfEObjective:
         g_u = denoise(model, x_s, s, s, null_sub)  # unconditional branch: online weights
         return g_c, g_u
 
-    def _self_eval_target(self, model, ema, x0, x0_hat, cond, null_b, fake_cond, t, s, lam, step, generator):
+    def _self_eval_target(self, st: _StepInputs, x0_hat: torch.Tensor, lam: torch.Tensor):
         """Step 5-7: evaluate the model's own one-jump prediction and build the target.
 
         Only samples with s < t need the evaluation passes. To keep the number of forwards equal
         on every rank we always run them on at least one row; rows with s = t get lam = 0, so
         their target is x0 whatever the passes return.
         """
-        cfg = self.cfg
+        cfg, x0, t, s = self.cfg, st.x0, st.draws.t, st.draws.s
+        model, fake_cond = st.model, st.fake_cond
         idx = torch.nonzero(s < t).flatten()
         if idx.numel() == 0:
             idx = torch.zeros(1, dtype=torch.long, device=x0.device)
         x0_hat_sg = x0_hat.detach()[idx]
         s_sub = s[idx]
         sv = s_sub.view(-1, 1, 1, 1).to(x0.dtype)
-        eps2 = torch.randn(x0_hat_sg.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps2 = torch.randn(x0_hat_sg.shape, device=x0.device, dtype=x0.dtype, generator=st.generator)
         x_s = (1 - sv) * x0_hat_sg + sv * eps2  # fresh noise [ours]
-        g_c, g_u = self._eval_passes(model, ema, x_s, s_sub, cond[idx], null_b[idx])
+        g_c, g_u = self._eval_passes(model, st.ema, x_s, s_sub, st.cond[idx], st.null_b[idx])
         delta = g_u - g_c
         aux_loss = None
-        if cfg.fake_score and step >= cfg.aux_start_step:
+        if cfg.fake_score and st.step >= cfg.aux_start_step:
             if fake_cond is None:
                 raise ValueError(
                     "objective.fake_score is on but the batch has no fake-prompt embeddings; "
@@ -324,8 +311,3 @@ class SelfEObjective:
         stats = {"delta_rms": float(delta.float().pow(2).mean().sqrt())}
         return target, aux_loss, stats
 
-
-def _patch(model: nn.Module) -> int:
-    """Patch size of a (possibly wrapped) MMDiT."""
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "module", None), "cfg", None)
-    return cfg.patch_size if cfg is not None else 1

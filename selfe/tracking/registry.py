@@ -14,9 +14,9 @@ def model_dir_for(ref: str) -> Path:
         return local
     if not ref.startswith(("models:/", "runs:/")):
         raise ValueError(f"model {ref!r} is neither a folder nor an MLflow URI (models:/name@alias, runs:/id/model)")
-    import mlflow
+    from selfe.tracking import download_model_artifacts
 
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+    root = download_model_artifacts(ref)
     found = [p.parent for p in root.rglob(WEIGHTS)]
     if not found:
         raise FileNotFoundError(f"{ref} holds no {WEIGHTS}; was it logged by selfe?")

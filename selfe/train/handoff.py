@@ -1,0 +1,79 @@
+"""What the driver hands each Ray Train worker, as one typed object (``WorkerInputs``).
+
+It crosses into the workers inside ``train_loop_config={"inputs": WorkerInputs(...)}``, pickled as
+it is: the `Config` object itself, not a dict round trip of it. ``worker_inputs`` is the one place it
+is built (the training job, the sweep trials and the benchmarks all call it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from selfe.config import Config
+from selfe.core.types import TextCond
+
+StepHook = Callable[[int, int, int], None]
+"""Called after every optimiser step with (step, rank, world size): test-only fault injection
+(``selfe.train.faults``); production runs pass none."""
+
+
+@dataclass
+class EncodedPrompts:
+    """Prompts the workers sample during training (grids, periodic evaluation), encoded once on the
+    driver: ``records`` are prompt-set rows ({"prompt", "spec", ...}); ``cond`` their embeddings (N, ...)."""
+
+    records: list[dict]
+    cond: TextCond
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r["prompt"] for r in self.records]
+
+
+@dataclass
+class TrackingTarget:
+    """Where rank 0 logs: the MLflow run, the tracking URI (workers do not inherit the driver's
+    mlflow state) and the local folder that spools metrics while the server is unreachable."""
+
+    run_id: str
+    tracking_uri: str
+    spool_dir: str
+
+
+@dataclass
+class WorkerInputs:
+    """Everything ``train_loop_per_worker`` receives besides the dataset shard."""
+
+    cfg: Config
+    null: TextCond
+    """The embedding of "" (1, L, D) stored with the cache: the unconditional branch."""
+    latent_shape: tuple[int, int, int]
+    """(C, h, w) of the cache's latents (``selfe.data.contract.latent_shape``)."""
+    grid: EncodedPrompts | None = None
+    periodic_eval: EncodedPrompts | None = None
+    tracking: TrackingTarget | None = None
+    step_hooks: list[StepHook] = field(default_factory=list)
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens per image: the one count the objective's time shift, tokens/s and MFU all use."""
+        return self.cfg.model.num_tokens(*self.latent_shape[1:])
+
+
+def encode_prompts(text, records: list[dict]) -> EncodedPrompts:
+    return EncodedPrompts(records, text.encode([r["prompt"] for r in records]))
+
+
+def worker_inputs(cfg: Config, text, null: TextCond, latent_shape: tuple[int, int, int],
+                  tracking: TrackingTarget | None = None, step_hooks: list[StepHook] | None = None) -> WorkerInputs:
+    """Build the hand-off: grid and periodic-evaluation prompts (when their schedules are on) are
+    selected from ``cfg.eval.prompt_set`` and encoded with ``text`` (a ``TextEncoder``)."""
+    from selfe.eval.runner import select_prompts
+
+    grid = periodic = None
+    if cfg.train.sample_every:
+        grid = encode_prompts(text, select_prompts(cfg.eval.prompt_set, max_per_task=2)[: cfg.eval.grid_prompts])
+    if cfg.train.eval_every:
+        periodic = encode_prompts(text, select_prompts(cfg.eval.prompt_set, max_per_task=cfg.eval.periodic_per_task))
+    return WorkerInputs(cfg, null, tuple(latent_shape), grid, periodic, tracking, list(step_hooks or []))

@@ -16,7 +16,7 @@ from selfe.train.handoff import WorkerInputs
 TEXT_LEN, TEXT_WIDTH = 8, 384
 
 
-def synthetic_dataset(rows: int = 40, resolution: int = 32, seed: int = 0) -> ray.data.Dataset:
+def synthetic_dataset(rows: int = 40, resolution: int = 16, seed: int = 0) -> ray.data.Dataset:
     """Rows whose latent is a flat colour chosen by a one-hot 'caption': learnable in a few steps."""
     rng = np.random.default_rng(seed)
     items = []
@@ -37,7 +37,7 @@ def null_text() -> TextCond:
                     torch.zeros(1, TEXT_WIDTH))
 
 
-def inputs(cfg, resolution: int = 32, **kw) -> WorkerInputs:
+def inputs(cfg, resolution: int = 16, **kw) -> WorkerInputs:
     """The workers' hand-off for `synthetic_dataset` rows (no grids, no periodic evaluation, no MLflow)."""
     return WorkerInputs(cfg, null_text(), (3, resolution, resolution), **kw)
 

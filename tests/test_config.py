@@ -11,7 +11,7 @@ def test_defaults_and_overrides():
     assert cfg.preset == "tiny" and cfg.optim.lr == 1e-4 and cfg.train.steps == 100
     assert cfg.objective.renorm_target is False
     assert cfg.objective.anneal_steps == 42  # anneal_fraction 0.42 of the run
-    assert cfg.model.patch_size == 4 and cfg.model.width == 128
+    assert cfg.model.patch_size == 2 and cfg.codec.pixel_downsample == 2 and cfg.model.width == 128
 
 
 def test_explicit_anneal_steps_win():
@@ -77,7 +77,7 @@ def test_dotted_override_sets_one_mapping_entry():
 
 
 def test_pixel_downsample_needs_a_resolution_it_and_the_patch_divide() -> None:
-    with pytest.raises(ConfigError, match="must be divisible by codec.pixel_downsample=3 x model.patch_size=4"):
+    with pytest.raises(ConfigError, match="must be divisible by codec.pixel_downsample=3 x model.patch_size=2"):
         load_config(overrides=["--codec.pixel_downsample=3"])
     with pytest.raises(ConfigError, match="codec.pixel_downsample must be >= 1"):
         load_config(overrides=["--codec.pixel_downsample=0"])

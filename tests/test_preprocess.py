@@ -76,7 +76,7 @@ def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) 
     cfg, path, manifest = shapes_cache
     assert path == cache_dir(cfg) and path.endswith(cache_key(cfg))
     assert manifest["rows"] == manifest["rows_read"] == 40 and manifest["skipped"] == {}
-    assert manifest["columns"]["latent"] == {"shape": [3, 32, 32], "dtype": "float16"}
+    assert manifest["columns"]["latent"] == {"shape": [3, 16, 16], "dtype": "float16"}  # 2x pooled pixels
     tokens = cfg.text.max_tokens
     assert manifest["columns"]["text_tokens"]["shape"] == [tokens, 384]
     assert manifest["text_encoder"]["id"].startswith("minilm:") and manifest["codec"]["kind"] == "pixels"

@@ -114,7 +114,7 @@ def test_default_landing_follows_the_training_method(method, expected):
     net = RecordsLanding(cfg.model)
     gen = ImageGenerator(net, cfg)
     gen.generate(["a photo of a red circle"], steps=4, guidance=1.0)
-    grid = time_grid(4, cfg.shift_mu((32, 32)))
+    grid = time_grid(4, cfg.shift_mu((gen.latent_size, gen.latent_size)))
     assert len(net.calls) == 4
     for k, (t, s) in enumerate(net.calls):
         want = grid[k] if expected == "current" else grid[k + 1]
@@ -122,7 +122,7 @@ def test_default_landing_follows_the_training_method(method, expected):
     # An explicit policy still wins over the method's default.
     net.calls.clear()
     gen.generate(["a photo of a red circle"], steps=2, guidance=1.0, landing="midpoint")
-    grid2 = time_grid(2, cfg.shift_mu((32, 32)))
+    grid2 = time_grid(2, cfg.shift_mu((gen.latent_size, gen.latent_size)))
     _, s = net.calls[0]
     assert torch.allclose(s, ((grid2[0] + grid2[1]) / 2).expand_as(s))
 

@@ -82,7 +82,7 @@ def test_an_outage_keeps_close_on_its_deadline_and_the_next_logger_delivers_the_
     back.sent = [type("M", (), {"key": "loss", "step": s})() for s in range(1, 11)]
     import selfe.tracking.runlog as runlog
 
-    monkeypatch.setattr(runlog, "MlflowClient", lambda: back)
+    monkeypatch.setattr(runlog, "MlflowClient", lambda uri=None: back)
     replay = RunLogger("run1", spool_dir=tmp_path, retry_s=0.1)
     assert replay.replayed == 1000
     assert replay.close(timeout_s=10)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = ap.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     from selfe.eval.runner import evaluate_steps, select_prompts
-    from selfe.generator import ImageGenerator, load_generator
+    from selfe.generator import load_generator
     from selfe.tracking import grid_image, png_bytes
 
     out = Path(args.out)
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # train.steps only sets the schedules' length (lr decay, tau horizon); the probe stops at the budget.
         cfg = load_config(overrides=overrides)
-        ema, record = train(cfg, args.minutes, out / args.name, args.snapshot_min)
-        gen = ImageGenerator(ema, cfg)
+        _, record = train(cfg, args.minutes, out / args.name, args.snapshot_min)
+        gen = load_generator(out / args.name)  # the saved EMA, eager (a compiled one would recompile per shape)
     records = select_prompts(cfg.eval.prompt_set, max_per_task=args.max_per_task)
     n = len(records)
     t1 = time.perf_counter()

@@ -136,6 +136,10 @@ class TrainConfig:
     fsdp: bool = True
     """Shard parameters, gradients, optimiser state and EMA with FSDP2 (fully_shard per block)."""
     activation_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile (inductor) each transformer block of the online model and the EMA, in place
+    (parameter names and checkpoints unchanged). The first steps pay the compile: ~2 minutes on
+    2 CPU cores; then ~1.2x the eager images/s there. [ours]"""
     mixed_precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
     peak_tflops: float = 0.0

@@ -117,7 +117,7 @@ def validate_manifest(manifest: dict, cfg: Config, path: str = "cache") -> None:
     if problems:
         raise CacheMismatchError(
             f"cache {path} does not match the training config:\n" + "\n".join(problems) + "\n"
-            f"Rebuild the cache with this config (`python pipelines/preprocess.py --config ...`) or fix the config."
+            "Rebuild the cache with this config (`python pipelines/preprocess.py --config ...`) or fix the config."
         )
 
 

@@ -17,6 +17,7 @@ from selfe.core.ema import ema_decay_at, make_ema
 from selfe.core.model import build_model
 from selfe.core.objective import SelfEObjective
 from selfe.core.types import Batch, TextCond
+from selfe.train.parallel import compile_blocks
 from selfe.train.step import Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
 
 
@@ -41,6 +42,9 @@ def train_local(
     total = steps or cfg.train.steps
     model = build_model(cfg.model, device)
     ema = make_ema(model)
+    if cfg.train.compile:
+        compile_blocks(model)
+        compile_blocks(ema)
     tr = Trainee(model, ema, SelfEObjective(cfg.objective, image_tokens), build_optimizer(model, cfg.optim),
                  cfg.optim.grad_clip, mixed_precision_dtype(cfg.train.mixed_precision, device),
                  torch.Generator(device).manual_seed(cfg.train.seed + 1))

@@ -83,7 +83,7 @@ def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) 
 
     ds = load_cache(path, cfg)
     batch = next(iter(ds.drop_columns(["caption", "spec"]).iter_torch_batches(batch_size=8, drop_last=True)))
-    assert batch["latent"].dtype == torch.float16 and batch["latent"].shape == (8, 3, 32, 32)
+    assert batch["latent"].dtype == torch.float16 and batch["latent"].shape == (8, 3, 16, 16)
     assert batch["text_tokens"].dtype == torch.float16 and batch["text_tokens"].shape == (8, tokens, 384)
     assert batch["text_mask"].dtype == torch.bool and batch["text_mask"].shape == (8, tokens)
     assert batch["text_pooled"].shape == (8, 384)
@@ -94,12 +94,13 @@ def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) 
     image, caption, spec = generate_one(7, 0, ShapesConfig(resolution=32))
     row = by_spec[spec_to_json(spec)]
     assert row["caption"] == caption
-    expected = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    expected = torch.nn.functional.avg_pool2d(pixels[None], cfg.codec.pixel_downsample)[0]  # the 2x pooled pixels
     assert torch.allclose(torch.as_tensor(row["latent"]).float(), expected, atol=1e-2)
 
     null = read_null_text(path)
-    assert null["tokens"].shape == (1, tokens, 384) and null["tokens"].dtype == torch.float32
-    assert null["mask"].dtype == torch.bool and null["pooled"].shape == (1, 384)
+    assert null.tokens.shape == (1, tokens, 384) and null.tokens.dtype == torch.float32
+    assert null.mask.dtype == torch.bool and null.pooled.shape == (1, 384)
 
 
 @pytest.mark.slow
@@ -306,7 +307,7 @@ def test_s3_round_trip(ray_session: str, tmp_path: Path, capsys: pytest.CaptureF
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="prep", Prefix="cache/")["Contents"]]
     assert any(k.endswith("/manifest.json") for k in keys) and any(k.endswith(".parquet") for k in keys)
     assert sorted(r["caption"] for r in load_cache(path, cfg).take_all()) == [f"s3 image {i}" for i in range(4)]
-    assert read_null_text(path, endpoint)["tokens"].shape == (1, cfg.text.max_tokens, 384)
+    assert read_null_text(path, endpoint).tokens.shape == (1, cfg.text.max_tokens, 384)
     capsys.readouterr()
     build_cache(cfg)
     assert "cache hit" in capsys.readouterr().out

@@ -136,8 +136,9 @@ def fingerprint_model_dir(model_dir: str | Path) -> str:
 
 def _mirror_s3_prefix(uri: str, cache_root: Path) -> Path:
     """Download every object under ``uri`` to ``cache_root/<bucket>/<prefix>``; skip same-size files."""
-    import boto3
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+    from selfe.storage import s3_client, s3_endpoint
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/")
@@ -145,10 +146,8 @@ def _mirror_s3_prefix(uri: str, cache_root: Path) -> Path:
         raise ValueError(f"S3 location {uri!r} has no bucket; expected s3://bucket/prefix")
     target = (cache_root / bucket / prefix).resolve()
     # Older boto3 ignores AWS_ENDPOINT_URL*; MinIO/moto/Ceph endpoints must work there too.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # A fresh session reads the credentials now (the default session caches its first lookup) and is
-    # not shared between threads.
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint)
+    endpoint = s3_endpoint()
+    client = s3_client(endpoint)
     # The trailing slash keeps "models/vae" from also matching "models/vae-old/...".
     key_prefix = f"{prefix}/" if prefix else ""
     where = f"s3://{bucket}/{prefix} (endpoint {endpoint or 'AWS default'})"

@@ -13,6 +13,7 @@ from selfe.train.checkpoint import is_complete, load_checkpoint, load_weights
 from selfe.train.job import fit
 from selfe.train.step import build_optimizer
 from selfe.train.faults import KillOnce
+from selfe.train.handoff import PLACEMENT_GROUP_KEY
 from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -92,6 +93,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_older_one(tmp_path):
     common = ["--train.checkpoint_every=3", "--train.keep_checkpoints=2"]
     res = _fit(_cfg(tmp_path, "corrupt", "--train.steps=6", *common))
     assert res.error is None and res.metrics["resumed_from"] == -1
+    assert int(res.metrics[PLACEMENT_GROUP_KEY], 16) > 0  # the workers' group, for a sweep to give back
     run_dir = tmp_path / "corrupt"
     checkpoints = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     latest = max(checkpoints, key=lambda p: json.loads((p / "progress.json").read_text())["step"])

@@ -145,7 +145,7 @@ def test_sweep_runs_its_trials_and_summarises(sweep):
 
 @pytest.mark.slow
 def test_asha_stops_the_bad_trial_and_its_cpus_go_to_the_next(sweep):
-    from selfe.sweep.resources import orphaned_placement_groups
+    from selfe.sweep.resources import live_placement_groups
 
     _, res, _ = sweep
     first, bad, later = res.rows
@@ -154,7 +154,7 @@ def test_asha_stops_the_bad_trial_and_its_cpus_go_to_the_next(sweep):
     deadline = time.time() + 30
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < 2.0 - 1e-6:
         time.sleep(1)
-    assert orphaned_placement_groups() == []
+    assert live_placement_groups() == set()  # the stopped trial's group was given back, not just left idle
     assert ray.available_resources().get("CPU", 0) == pytest.approx(2.0)
 
 
@@ -192,3 +192,26 @@ def test_rerunning_a_named_sweep_restores_it(sweep):
     assert again.parent_run_id == first.parent_run_id and again.model_version == first.model_version
     with pytest.raises(ConfigError, match="nothing restorable"):
         run_sweep(load_space(root / "space.toml", name="never-ran"), resume=True)
+
+
+@pytest.mark.slow
+def test_a_stopped_trials_group_is_given_back_after_the_grace_period(sweep):
+    from types import SimpleNamespace
+
+    from ray.util import placement_group, remove_placement_group
+
+    from selfe.sweep.resources import ReleaseStoppedTrialGroups, live_placement_groups
+    from selfe.train.handoff import PLACEMENT_GROUP_KEY
+
+    stopped, finished = placement_group([{"CPU": 0.5}]), placement_group([{"CPU": 0.5}])
+    ray.get([stopped.ready(), finished.ready()])
+    remove_placement_group(finished)  # as a controller does when its run ends by itself
+    callback = ReleaseStoppedTrialGroups(grace_s=1.0)
+    for trial_id, group in (("a", stopped), ("b", finished)):
+        trial = SimpleNamespace(trial_id=trial_id)
+        callback.on_trial_result(0, [], trial, {"step": 4, PLACEMENT_GROUP_KEY: group.id.hex()})
+        callback.on_trial_complete(0, [], trial)
+    assert callback.release() == 0 and stopped.id.hex() in live_placement_groups()  # its controller may live on
+    time.sleep(1.1)
+    assert callback.release() == 1 and stopped.id.hex() not in live_placement_groups()
+    assert callback.release() == 0  # each group once

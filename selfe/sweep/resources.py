@@ -6,8 +6,8 @@ controller, which never gets to remove that placement group: Ray ties a placemen
 to the *job*, so it would hold its CPUs until the sweep ends and the next trials would wait forever.
 Train V2 has a cleaner for this, but it asks the State API whether the controller is alive, which
 needs the Ray dashboard and a single Ray instance on the machine; without them it only logs
-"Failed to query Ray Train Controller actor state". ``ReleaseOrphanedPlacementGroups`` does the job
-from the sweep driver instead.
+"Failed to query Ray Train Controller actor state". ``ReleaseStoppedTrialGroups`` does the job
+from the sweep driver instead, with public APIs only.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import math
 import time
 from typing import Any
 
+import ray
 from ray import tune
 
 from selfe.config import Config
 from selfe.configtools import ConfigError
+from selfe.train.handoff import PLACEMENT_GROUP_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -58,58 +60,71 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float], cap: int = 0) 
     return min(fits, cap) if cap else fits
 
 
-def orphaned_placement_groups() -> list[Any]:
-    """Placement groups whose creating actor is dead but which Ray keeps while the job lives.
+def live_placement_groups() -> set[str]:
+    """Hex ids of the placement groups that still hold (or wait for) resources."""
+    from ray.util import placement_group_table
 
-    Reads the GCS table directly: the public ``ray.util.placement_group_table()`` leaves out who
-    created a group. Tune's own trial groups are created by the driver, not an actor: they never match.
-    """
-    from ray import ActorID
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, PlacementGroupID
-
-    table = gcs_pb2.PlacementGroupTableData
-    orphans = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = table.FromString(raw)
-        # A group made by a driver has a nil creator actor, which the GCS also marks dead.
-        by_actor = pg.creator_actor_id and not ActorID(pg.creator_actor_id).is_nil()
-        if by_actor and pg.creator_actor_dead and not pg.is_detached and pg.state != table.REMOVED:
-            orphans.append(PlacementGroup(PlacementGroupID(pg.placement_group_id)))
-    return orphans
+    return {pg_id for pg_id, row in placement_group_table().items() if row["state"] != "REMOVED"}
 
 
-class ReleaseOrphanedPlacementGroups(tune.Callback):
-    """Removes the Train placement groups of trials that Tune ended (see the module docstring).
+class ReleaseStoppedTrialGroups(tune.Callback):
+    """Removes the Train placement group of each trial that Tune ended (see the module docstring).
 
-    Checks when a trial completes or fails, and every ``interval_s`` while the sweep runs: the
-    controller of a stopped trial dies a moment after Tune reports the trial complete.
+    Every Train report carries the group its workers run in (``PLACEMENT_GROUP_KEY``, from the
+    public ``ray.util.get_current_placement_group``); the latest one per trial is kept. When Tune
+    ends a trial, its group is removed ``grace_s`` later: Tune calls ``on_trial_complete`` *before* it
+    stops the trial actor, and a group removed under a living controller would look like lost workers
+    to it, which it answers by starting new ones in a new group. A trial that finished by itself has
+    already removed its group; it is left alone.
     """
 
-    def __init__(self, interval_s: float = 2.0) -> None:
-        self.interval_s = interval_s
-        self._last = 0.0
+    def __init__(self, grace_s: float = 3.0) -> None:
+        self.grace_s = grace_s
+        self._group: dict[str, str] = {}  # trial id -> the latest reported group
+        self._ended: list[tuple[float, str]] = []  # (when its trial ended, group)
 
-    def release(self) -> int:
-        from ray.util import remove_placement_group
-
-        self._last = time.monotonic()
-        released = 0
-        for pg in orphaned_placement_groups():
-            try:
-                remove_placement_group(pg)
-                released += 1
-            except Exception as e:  # noqa: BLE001 - removed meanwhile (e.g. by Train's own cleaner)
-                logger.debug("placement group %s already gone: %s", pg.id.hex(), e)
-        return released
-
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.monotonic() - self._last >= self.interval_s:
-            self.release()
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(PLACEMENT_GROUP_KEY):
+            self._group[trial.trial_id] = result[PLACEMENT_GROUP_KEY]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.release()
+        self._trial_ended(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._trial_ended(trial)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         self.release()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._ended:  # the sweep's last stopped trial: nothing else will come back to it
+            time.sleep(max(0.0, self._ended[-1][0] + self.grace_s - time.monotonic()))
+        self.release()
+
+    def _trial_ended(self, trial: Any) -> None:
+        group = self._group.pop(trial.trial_id, None)
+        if group:
+            self._ended.append((time.monotonic(), group))
+
+    def release(self) -> int:
+        """Remove the groups whose trial ended at least ``grace_s`` ago; returns how many it removed."""
+        from ray.util import remove_placement_group
+        from ray.util.placement_group import PlacementGroup
+
+        now = time.monotonic()
+        due = [g for t, g in self._ended if now - t >= self.grace_s]
+        if not due:
+            return 0
+        self._ended = [(t, g) for t, g in self._ended if now - t < self.grace_s]
+        live, released = live_placement_groups(), 0
+        for group in due:
+            if group not in live:
+                continue  # its controller removed it (the trial finished, or failed cleanly)
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
+                released += 1
+            except Exception as e:  # noqa: BLE001 - removed meanwhile (e.g. by Train's own cleaner)
+                logger.debug("placement group %s already gone: %s", group, e)
+        if released:
+            logger.info("released %d placement group(s) of stopped trials", released)
+        return released

@@ -163,7 +163,7 @@ def _tuner(spec: SweepSpec, base: Config, context: TrialContext, experiment_path
            concurrency: int) -> Any:
     from ray import tune
 
-    from selfe.sweep.resources import TRIAL_DRIVER_CPUS, ReleaseOrphanedPlacementGroups
+    from selfe.sweep.resources import TRIAL_DRIVER_CPUS, ReleaseStoppedTrialGroups
 
     # The trial actor only drives a TorchTrainer, whose workers reserve their own CPUs.
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_DRIVER_CPUS})
@@ -173,7 +173,7 @@ def _tuner(spec: SweepSpec, base: Config, context: TrialContext, experiment_path
         trainable, param_space=param_space(spec), tune_config=_tune_config(spec, base, concurrency),
         run_config=tune.RunConfig(name=spec.name, storage_path=experiment_path.rsplit("/", 1)[0], storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  callbacks=[ReleaseOrphanedPlacementGroups()], verbose=1),
+                                  callbacks=[ReleaseStoppedTrialGroups()], verbose=1),
     )
 
 

@@ -1,4 +1,5 @@
-"""What the driver hands each Ray Train worker, as one typed object (``WorkerInputs``).
+"""What the driver hands each Ray Train worker, as one typed object (``WorkerInputs``), and what
+comes back in every report besides the metrics (``PLACEMENT_GROUP_KEY``).
 
 It crosses into the workers inside ``train_loop_config={"inputs": WorkerInputs(...)}``, pickled as
 it is: the `Config` object itself, not a dict round trip of it. ``worker_inputs`` is the one place it
@@ -12,6 +13,10 @@ from dataclasses import dataclass, field
 
 from selfe.config import Config
 from selfe.core.types import TextCond
+
+PLACEMENT_GROUP_KEY = "placement_group_id"
+"""Every ``ray.train.report`` carries the hex id of the placement group the workers run in, so that a
+sweep can give back the group of a trial Tune stopped (``selfe.sweep.resources``)."""
 
 StepHook = Callable[[int, int, int], None]
 """Called after every optimiser step with (step, rank, world size): test-only fault injection

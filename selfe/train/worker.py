@@ -13,9 +13,11 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import ray.train
+import ray.util
 import torch
 import torch.distributed as dist
 
@@ -27,7 +29,7 @@ from selfe.data.loader import shard_batches
 from selfe.eval.metrics import FEWSTEP_METRIC
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
-from selfe.train.handoff import EncodedPrompts, WorkerInputs
+from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInputs
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train.resume import restore_first_usable
 from selfe.train.step import Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
@@ -161,10 +163,16 @@ class WorkerLoop:
             progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)
-                ray.train.report({**metrics, "resumed_from": self.resumed_from},
-                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                ray.train.report({**metrics, **self.run_facts}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
-            ray.train.report({**metrics, "resumed_from": self.resumed_from})
+            ray.train.report({**metrics, **self.run_facts})
+
+    @property
+    def run_facts(self) -> dict[str, Any]:
+        """What every report carries besides the metrics: the step this run resumed from (-1: fresh)
+        and its workers' placement group (``PLACEMENT_GROUP_KEY``)."""
+        group = ray.util.get_current_placement_group()
+        return {"resumed_from": self.resumed_from, PLACEMENT_GROUP_KEY: group.id.hex() if group else ""}
 
     def _log_grid(self, step: int) -> None:
         from selfe.tracking import log_grids

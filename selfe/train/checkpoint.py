@@ -173,9 +173,9 @@ def split_optimizer_state(optim: dict) -> dict:
     """``get_optimizer_state_dict`` output -> the layout written to DCP: Adam's 0-d ``step`` tensors
     and its moments in separate per-parameter dicts.
 
-    Why: after ``dcp.save`` of per-parameter dicts that mix the 0-d ``step`` with the moment tensors,
-    the following training steps ran ~40-50% slower on CPU (two new threads, futex waits; see
-    docs/benchmarks.md). The same tensors saved as two dicts leave the rate alone."""
+    This layout was brought in against a CPU slowdown after ``dcp.save`` that it turned out not to
+    prevent (the moments alone trigger it; ``_single_process`` is the fix, docs/benchmarks.md). It
+    stays because every selfe checkpoint written so far has it, and DCP loads by key."""
     steps = {fqn: {k: v for k, v in st.items() if k == "step"} for fqn, st in optim["state"].items()}
     rest = {fqn: {k: v for k, v in st.items() if k != "step"} for fqn, st in optim["state"].items()}
     return {"steps": steps, "moments": rest, "param_groups": optim["param_groups"]}

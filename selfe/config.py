@@ -324,9 +324,10 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-RETIRED_KEYS = (("sampler", "shift_base_len"),)
-"""Keys older versions wrote into saved configs, now derived elsewhere (the time shift has one field,
-``objective.shift_base_len``): ignored in files, still rejected as overrides."""
+RETIRED_KEYS = (("sampler", "shift_base_len"), ("model", "conv_head"))
+"""Keys older versions wrote into saved configs: ignored in files, rejected as overrides. The time
+shift has one field now (``objective.shift_base_len``); the measured-and-dropped convolutional output
+head (docs/recipe.md) was never on in a preset."""
 
 
 def load_config(

@@ -83,3 +83,12 @@ def test_pixel_downsample_needs_a_resolution_it_and_the_patch_divide() -> None:
         load_config(overrides=["--codec.pixel_downsample=0"])
     cfg = load_config(overrides=["--codec.pixel_downsample=2", "--model.patch_size=2"])
     assert cfg.codec.pixel_downsample == 2
+
+
+def test_retired_keys_in_saved_files_load_but_are_rejected_as_overrides(tmp_path):
+    saved = tmp_path / "config.toml"  # as an older version wrote it into a model folder
+    saved.write_text('[sampler]\nshift_base_len = 256\n[model]\nconv_head = 0\nwidth = 96\n')
+    assert load_config(saved).model.width == 96
+    for key in ("--sampler.shift_base_len=256", "--model.conv_head=0"):
+        with pytest.raises(ConfigError, match="unknown"):
+            load_config(overrides=[key])

@@ -158,20 +158,3 @@ def test_clean_prediction_returns_a_velocity_whose_jump_is_the_network_output():
         ModelConfig(prediction="eps").validate()
 
 
-def test_conv_head_starts_at_zero_learns_and_mixes_pixels_across_patch_edges():
-    cfg = ModelConfig(width=32, head_dim=8, double_blocks=1, single_blocks=1, patch_size=4, text_width=32,
-                      pooled_width=16, conv_head=8)
-    model = build_model(cfg)
-    x, t, s, txt, mask, pooled = _inputs(cfg)
-    out = model(x, t, s, txt, mask, pooled)
-    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # adaLN-zero still holds
-    (out - x).pow(2).mean().backward()
-    assert model.head.conv2.weight.grad.abs().sum() > 0  # the zeroed last conv is what learns first
-    # One output pixel depends on the pixels of the neighbouring patch through the 3x3 convolutions:
-    # without the head, the last linear writes each 4x4 patch from its own token only.
-    _perturb_adaln(model)
-    feats = torch.zeros(1, 8, 16, 16, requires_grad=True)
-    model.head(feats)[0, :, 3, 3].sum().backward()  # pixel (3, 3): last row/column of patch (0, 0)
-    assert feats.grad[0, :, 4, 4].abs().sum() > 0  # first pixel of patch (1, 1)
-    with pytest.raises(ValueError, match="model.conv_head must be >= 0"):
-        ModelConfig(conv_head=-1).validate()

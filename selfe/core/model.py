@@ -53,11 +53,6 @@ class ModelConfig:
     noise is high-dimensional while images are not. [ours; paper: velocity]"""
     clean_t_min: float = 0.05
     """Floor on t in the division above, keeping V finite as t -> 0 (JiT)."""
-    conv_head: int = 0
-    """0: the last linear layer writes each patch's pixels directly (DiT, FLUX). k > 0: it writes k
-    feature channels per pixel instead, and two 3x3 convolutions (k -> 2k -> C) turn them into V, so
-    that each output pixel sees its neighbours across patch edges. For pixel patches, whose 4x4 tiles
-    otherwise show as steps along every edge. [ours; paper: 0]"""
 
     def num_tokens(self, height: int, width: int) -> int:
         """Image tokens of a (C, height, width) latent: one per patch_size x patch_size patch."""
@@ -77,8 +72,6 @@ class ModelConfig:
             raise ValueError(f"model.clean_t_min must be in (0, 1], got {self.clean_t_min}")
         if self.double_blocks + self.single_blocks < 1:
             raise ValueError("model needs at least one block (double_blocks + single_blocks >= 1)")
-        if self.conv_head < 0:
-            raise ValueError(f"model.conv_head must be >= 0 (0 = no convolutional head), got {self.conv_head}")
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -253,18 +246,6 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class ConvHead(nn.Module):
-    """(B, k, H, W) per-pixel features -> (B, C, H, W): 3x3 conv k -> 2k, SiLU, 3x3 conv 2k -> C."""
-
-    def __init__(self, features: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(features, 2 * features, 3, padding=1)
-        self.conv2 = nn.Conv2d(2 * features, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(F.silu(self.conv1(x)))
-
-
 class MMDiT(nn.Module):
     """V(x_t, t, s, c): the raw network output of Self-E (a velocity when s = t)."""
 
@@ -285,10 +266,7 @@ class MMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(d, cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.single_blocks)
         )
-        # With a conv head the last linear writes k features per pixel, which the head turns into V.
-        self.out_channels = cfg.conv_head or cfg.in_channels
-        self.final = FinalLayer(d, self.out_channels * p * p)
-        self.head = ConvHead(cfg.conv_head, cfg.in_channels) if cfg.conv_head else None
+        self.final = FinalLayer(d, cfg.in_channels * p * p)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -296,13 +274,11 @@ class MMDiT(nn.Module):
 
         Zeroing every modulation (and so every gate) makes each block the identity at init, and
         zeroing the output layer makes V = 0: training starts from a stable residual network (DiT).
-        With a conv head its last convolution is the zeroed output layer; the linear before it keeps
-        its Xavier init, or no gradient would reach either.
         Separate from ``__init__`` so a model built on the meta device can be materialised after
         sharding (``to_empty`` then ``init_weights``).
         """
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.RMSNorm):
@@ -310,7 +286,7 @@ class MMDiT(nn.Module):
         for emb in (self.t_embed, self.gap_embed, self.pooled_embed):
             nn.init.normal_(emb.fc1.weight, std=0.02)
             nn.init.normal_(emb.fc2.weight, std=0.02)
-        zero = [self.final.mod, self.head.conv2 if self.head is not None else self.final.linear]
+        zero = [self.final.mod, self.final.linear]
         for block in self.double_blocks:
             zero += [block.img_mod, block.txt_mod]
         for block in self.single_blocks:
@@ -354,12 +330,9 @@ class MMDiT(nn.Module):
         seq = torch.cat([txt_h, img], dim=1)  # (B, L + N, D)
         for block in self.single_blocks:
             seq = block(seq, vec, angles, n_txt, key_mask)
-        out = self.final(seq[:, n_txt:], vec)  # (B, N, K * p * p), K = conv_head or C
-        # Unpatchify back to (B, K, H, W).
-        k = self.out_channels
-        out = out.reshape(b, rows, cols, k, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, k, h, w)
-        if self.head is not None:
-            out = self.head(out)  # (B, C, H, W)
+        out = self.final(seq[:, n_txt:], vec)  # (B, N, C * p * p)
+        # Unpatchify back to (B, C, H, W).
+        out = out.reshape(b, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
         if self.cfg.prediction == "clean":
             return (x - out) / t.view(-1, 1, 1, 1).to(out.dtype).clamp_min(self.cfg.clean_t_min)
         return out
@@ -384,7 +357,4 @@ def flops_per_token(cfg: ModelConfig, n_img: int, n_txt: int) -> float:
     double = 2 * (4 * d * d + 2 * d * hid) * seq + 2 * 2 * seq * seq * d
     single = 2 * (3 * d * d + d * hid + (d + hid) * d) * seq + 2 * 2 * seq * seq * d
     total = cfg.double_blocks * double + cfg.single_blocks * single
-    # The conv head's two 3x3 convolutions at every pixel (p * p pixels per image token).
-    k = cfg.conv_head
-    head = 2 * 9 * (k * 2 * k + 2 * k * cfg.in_channels) * cfg.patch_size**2 if k else 0
-    return total / n_img + head
+    return total / n_img

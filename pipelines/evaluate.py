@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref
+from selfe.cli import OneLineParser, add_device_argument, finite_float, int_in, load_model_or_fail, model_ref
 from selfe.core.sampling import MAX_STEPS
 
 
@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/eval")
     ap.add_argument("--log-to-mlflow", action="store_true", help="log the table and metrics to a new MLflow run")
     ap.add_argument("--tracking-uri", default=None)
+    add_device_argument(ap)
     args = ap.parse_args(argv)
 
     from selfe.eval.metrics import geneval_metrics
     from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 
-    gen = load_model_or_fail(args.model, args.tracking_uri)
+    gen = load_model_or_fail(args.model, args.tracking_uri, args.device)
     if gen is None:
         return 2
     records = select_prompts(args.prompt_set, args.max_per_task)

@@ -1,6 +1,9 @@
 """Generate images from a trained selfe model.
 
-    python pipelines/generate.py --model models:/selfe@champion --prompt "a photo of a red circle" --steps 2 --out out.png
+    python pipelines/generate.py --model models:/selfe@champion --prompt "a photo of a red circle" --steps 2 --out out.png [--device cuda]
+
+A model whose encoders were not bundled at registration loads them from where training did; point it
+elsewhere with $SELFE_TEXT_ENCODER / $SELFE_CODEC_PATH (a local dir, s3:// prefix or hub id).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selfe.cli import OneLineParser, finite_float, int_in, load_model_or_fail, model_ref, utf8_text
+from selfe.cli import OneLineParser, add_device_argument, finite_float, int_in, load_model_or_fail, model_ref, utf8_text
 from selfe.core.sampling import MAX_STEPS
 
 
@@ -29,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int_in(1, 64), default=4, help="upscale factor of the saved PNG (nearest)")
     ap.add_argument("--out", default="out.png", help="PNG path; several images are saved as one row")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    add_device_argument(ap)
     args = ap.parse_args(argv)
 
     from selfe.tracking import grid_image, png_bytes
 
-    gen = load_model_or_fail(args.model, args.tracking_uri)
+    gen = load_model_or_fail(args.model, args.tracking_uri, args.device)
     if gen is None:
         return 2
     prompts = [p for p in args.prompt for _ in range(args.num)]

@@ -87,6 +87,19 @@ def model_ref(text: str) -> str:
     return text
 
 
+def device_name(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (whether it exists here is checked at load)."""
+    if text in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda, cuda:N or auto")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option shared by the pipelines that load a model."""
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:N or auto (default: the first GPU if one is visible, else cpu)")
+
+
 def missing_sqlite_store(uri: str) -> str | None:
     """For a ``sqlite:///`` tracking URI whose file does not exist, the error to give (MLflow would
     create an empty registry there and report the model as missing); else None."""
@@ -96,10 +109,10 @@ def missing_sqlite_store(uri: str) -> str | None:
     return None
 
 
-def load_model_or_fail(ref: str, tracking_uri: str | None = None):
-    """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI or ./mlflow.db) and load ``ref``
-    with ``selfe.tracking.registry.load_model_ref``. A missing store, registry miss or unreadable model is
-    printed as one line and gives None."""
+def load_model_or_fail(ref: str, tracking_uri: str | None = None, device: str = "auto"):
+    """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI or ./mlflow.db) and load ``ref`` on
+    ``device`` with ``selfe.tracking.registry.load_model_ref``. A missing store, registry miss,
+    unreadable model, unloadable encoder or absent device is printed as one line and gives None."""
     import os
 
     from selfe.tracking import TrackingError, resolve_tracking_uri, use_tracking_uri
@@ -113,7 +126,7 @@ def load_model_or_fail(ref: str, tracking_uri: str | None = None):
         return None
     use_tracking_uri(uri)
     try:
-        return load_model_ref(ref)
+        return load_model_ref(ref, device=device)
     except (TrackingError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"cannot load model {ref}: {first}")

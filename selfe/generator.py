@@ -2,12 +2,19 @@
 
 Used by the MLflow pyfunc model, ``pipelines/generate.py``, ``pipelines/evaluate.py`` and the
 end-of-training evaluation. A saved model is a folder: ``weights.safetensors`` (EMA weights),
-``config.toml`` (the resolved training config) and ``model_info.json``.
+``config.toml`` (the resolved training config) and ``model_info.json``; a folder logged to MLflow may
+also carry the encoders it needs under ``encoders/text`` and ``encoders/codec`` (named in
+``model_info.json`` under ``"encoders"``, see ``selfe.tracking.registry``).
+
+Where the encoders are loaded from, first match wins: an explicit argument (``text_encoder=`` /
+``codec_path=``), the environment (``$SELFE_TEXT_ENCODER`` / ``$SELFE_CODEC_PATH``), the bundled copy,
+then the location training used (``text.name`` / ``codec.path`` in ``config.toml``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +32,33 @@ from selfe.core.types import TextCond
 from selfe.core.sampling import randn_rows, resolve_landing, sample
 
 WEIGHTS, CONFIG, INFO = "weights.safetensors", "config.toml", "model_info.json"
+TEXT_ENV, CODEC_ENV = "SELFE_TEXT_ENCODER", "SELFE_CODEC_PATH"
+"""Environment variables that point a loaded model at its text encoder / VAE."""
+DEVICES = "cpu, cuda, cuda:N or auto"
+
+
+class EncoderUnavailable(OSError):
+    """A model's text encoder or codec could not be loaded from where it was recorded."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> the first GPU if one is visible, else the CPU; ``cpu``/``cuda``/``cuda:N`` are checked
+    against what this machine has, so a wrong choice fails before any weights are read."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use {DEVICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use {DEVICES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no CUDA device is visible here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    return device
 
 
 class ImageGenerator:
@@ -86,17 +120,61 @@ def save_model_dir(path: str | Path, model: MMDiT, cfg: Config, extra: dict | No
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS))
     (path / CONFIG).write_text(cfg.dump())
-    info = {"text_encoder": cfg.text.name, "codec": cfg.codec.kind, "resolution": cfg.data.resolution,
-            "preset": cfg.preset, **(extra or {})}
+    info = {"text_encoder": cfg.text.name, "codec": cfg.codec.kind, "codec_path": cfg.codec.path,
+            "resolution": cfg.data.resolution, "preset": cfg.preset, **(extra or {})}
     (path / INFO).write_text(json.dumps(info, indent=2))
     return path
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> ImageGenerator:
+def encoder_locations(path: str | Path, cfg: Config, text_encoder: str | None = None,
+                      codec_path: str | None = None) -> tuple[str, str]:
+    """Where this model folder's text encoder and VAE are loaded from (see the module docstring);
+    the codec path is "" for the pixel codec."""
+    path = Path(path)
+    info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
+    bundled = info.get("encoders", {})
+
+    def pick(explicit: str | None, env: str, key: str, trained: str) -> str:
+        if explicit or os.environ.get(env):
+            return explicit or os.environ[env]
+        folder = bundled.get(key, {}).get("bundled")
+        return str(path / folder) if folder else trained
+
+    text = pick(text_encoder, TEXT_ENV, "text", cfg.text.name)
+    codec = pick(codec_path, CODEC_ENV, "codec", cfg.codec.path) if cfg.codec.kind != "pixels" else ""
+    return text, codec
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu", text_encoder: str | None = None,
+                   codec_path: str | None = None) -> ImageGenerator:
+    """Rebuild the generator saved at ``path`` on ``device`` (a name ``resolve_device`` accepts, or a
+    torch.device). ``text_encoder`` / ``codec_path`` override where the encoders are loaded from.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder written by ``save_model_dir``.
+        EncoderUnavailable: an encoder could not be loaded; the message says how to point at a copy.
+    """
     path = Path(path)
     if not (path / WEIGHTS).exists():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS}; expected a folder written by save_model_dir")
+    device = resolve_device(device) if isinstance(device, str) else device
     cfg = load_config(path / CONFIG)
+    cfg.text.name, cfg.codec.path = encoder_locations(path, cfg, text_encoder, codec_path)
     model = build_model(cfg.model, "cpu")
     model.load_state_dict(load_file(str(path / WEIGHTS)))
-    return ImageGenerator(model, cfg, device=device)
+    try:
+        text = TextEncoder(cfg.text, device=device)
+    except (OSError, RuntimeError, ImportError) as e:
+        raise _unavailable("text encoder", cfg.text.name, TEXT_ENV, "text_encoder", e) from e
+    try:
+        codec = build_codec(cfg.codec, device=device)
+    except (OSError, RuntimeError, ImportError) as e:
+        raise _unavailable("VAE (codec.path)", cfg.codec.path, CODEC_ENV, "codec_path", e) from e
+    return ImageGenerator(model, cfg, text=text, codec=codec, device=device)
+
+
+def _unavailable(what: str, location: str, env: str, key: str, error: Exception) -> EncoderUnavailable:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return EncoderUnavailable(
+        f"cannot load the model's {what} from {location!r} ({first}); the model does not bundle it: set "
+        f"{env}=<local dir, s3:// prefix or hub id> (MLflow pyfunc: model_config={{'{key}': ...}})")

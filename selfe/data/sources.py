@@ -3,7 +3,8 @@
 Rows of the shapes world are already pixels: ``{id, image: uint8 (R, R, 3), caption, spec}``. Every
 other source yields encoded bytes for `selfe.data.transforms.decode_batch`:
 ``{id, image: bytes, caption, spec: "", error}`` where ``error`` names a problem the reader already
-found ("missing_image", "bad_metadata", "corrupt_shard"); such rows are counted, not dropped here.
+found ("missing_image", "bad_metadata", "corrupt_shard", "download_failed"); such rows are counted,
+not dropped here.
 
 Locations are local paths or ``s3://bucket/prefix`` (endpoint: ``data.s3_endpoint``, else
 ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL``). `check_location` runs before any work, so a typo in a
@@ -108,7 +109,13 @@ def _rel(path: str, root: str) -> str:
 
 
 def detect_format(files: list[str]) -> str:
-    """"parquet", "webdataset" or "imagefolder" from the file extensions under a source."""
+    """"img2dataset", "parquet", "webdataset" or "imagefolder" from the file names under a source.
+
+    img2dataset folders come first: their webdataset output also holds metadata-only ``.parquet`` files."""
+    from selfe.data.img2dataset import is_img2dataset
+
+    if is_img2dataset(files):
+        return "img2dataset"
     if any(f.endswith(".parquet") for f in files):
         return "parquet"
     if any(f.endswith(".tar") for f in files):
@@ -169,9 +176,14 @@ def _render_shapes(batch: dict[str, np.ndarray], seed: int, resolution: int, tas
 
 
 def byte_source_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[str], source_format: str) -> Any:
-    """Rows ``{id, image: bytes, caption, spec, error}`` of an imagefolder, WebDataset or Parquet source."""
+    """Rows ``{id, image: bytes, caption, spec, error}`` of an imagefolder, WebDataset, Parquet or
+    img2dataset source."""
     import ray.data
 
+    if source_format == "img2dataset":
+        from selfe.data.img2dataset import img2dataset_dataset
+
+        return img2dataset_dataset(cfg, fs, root, files)
     if source_format == "imagefolder":
         rows = imagefolder_rows(fs, root, files, cfg.data.caption_column)
         if not rows:

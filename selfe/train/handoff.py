@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from selfe.config import Config
 from selfe.core.types import TextCond
 
@@ -59,6 +61,9 @@ class WorkerInputs:
     periodic_eval: EncodedPrompts | None = None
     tracking: TrackingTarget | None = None
     step_hooks: list[StepHook] = field(default_factory=list)
+    periodic_latents: np.ndarray | None = None
+    """eval suite clip_fid: the held-out rows' cache latents (N, C, h, w), decoded into FID's reference
+    images on rank 0 at the first periodic evaluation; ``periodic_eval`` holds their captions."""
 
     @property
     def image_tokens(self) -> int:
@@ -71,14 +76,38 @@ def encode_prompts(text, records: list[dict]) -> EncodedPrompts:
 
 
 def worker_inputs(cfg: Config, text, null: TextCond, latent_shape: tuple[int, int, int],
-                  tracking: TrackingTarget | None = None, step_hooks: list[StepHook] | None = None) -> WorkerInputs:
+                  tracking: TrackingTarget | None = None, step_hooks: list[StepHook] | None = None,
+                  cache_path: str = "") -> WorkerInputs:
     """Build the hand-off: grid and periodic-evaluation prompts (when their schedules are on) are
-    selected from ``cfg.eval.prompt_set`` and encoded with ``text`` (a ``TextEncoder``)."""
+    selected from ``cfg.eval.prompt_set`` and encoded with ``text`` (a ``TextEncoder``); with the
+    clip_fid suite they are held-out rows of the cache at ``cache_path`` (their stored embeddings)."""
     from selfe.eval.runner import select_prompts
 
+    if cfg.eval.resolved_suite(cfg.data.source) == "clip_fid" and (cfg.train.sample_every or cfg.train.eval_every):
+        return _heldout_inputs(cfg, null, latent_shape, tracking, step_hooks, cache_path)
     grid = periodic = None
     if cfg.train.sample_every:
         grid = encode_prompts(text, select_prompts(cfg.eval.prompt_set, max_per_task=2)[: cfg.eval.grid_prompts])
     if cfg.train.eval_every:
         periodic = encode_prompts(text, select_prompts(cfg.eval.prompt_set, max_per_task=cfg.eval.periodic_per_task))
     return WorkerInputs(cfg, null, tuple(latent_shape), grid, periodic, tracking, list(step_hooks or []))
+
+
+def _heldout_inputs(cfg: Config, null: TextCond, latent_shape: tuple[int, int, int], tracking: TrackingTarget | None,
+                    step_hooks: list[StepHook] | None, cache_path: str) -> WorkerInputs:
+    """Grid and periodic evaluation on held-out cache rows (the clip_fid suite)."""
+    from selfe.eval.heldout import read_heldout
+
+    if not cache_path:
+        raise ValueError("the clip_fid suite samples held-out cache rows during training: pass cache_path")
+    if cfg.train.eval_every:
+        cfg.eval.require_networks(cfg.data.source)
+    limit = max(cfg.eval.periodic_images if cfg.train.eval_every else 0, cfg.eval.grid_prompts)
+    rows = read_heldout(cache_path, cfg.eval.heldout_fraction, limit, cfg.data.s3_endpoint)
+    as_prompts = lambda part: EncodedPrompts([{"prompt": c} for c in part.captions], part.cond)  # noqa: E731
+    grid = as_prompts(rows.head(cfg.eval.grid_prompts)) if cfg.train.sample_every else None
+    periodic = latents = None
+    if cfg.train.eval_every:
+        part = rows.head(cfg.eval.periodic_images)
+        periodic, latents = as_prompts(part), part.latents
+    return WorkerInputs(cfg, null, tuple(latent_shape), grid, periodic, tracking, list(step_hooks or []), latents)

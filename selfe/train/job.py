@@ -21,7 +21,6 @@ from selfe.data.cache import build_cache, load_cache, read_null_text
 from selfe.data.contract import STRING_COLUMNS, latent_shape
 from selfe.storage import ensure_ray, train_storage
 from selfe.encoders.text import TextEncoder
-from selfe.eval.metrics import geneval_metrics
 from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
 from selfe.generator import ImageGenerator, save_model_dir
 from selfe.core.model import build_model
@@ -97,9 +96,7 @@ def fit(cfg: Config, run_name: str, datasets: dict, inputs: WorkerInputs,
 
 def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, inputs: WorkerInputs,
              callbacks: list | None) -> TorchTrainer:
-    # iter_torch_batches cannot convert string columns (caption, spec): hand workers tensors only.
-    datasets = {k: ds.select_columns([c for c in ds.schema().names if c not in STRING_COLUMNS])
-                for k, ds in datasets.items()}
+    datasets = {k: training_rows(ds, cfg) for k, ds in datasets.items()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
@@ -118,6 +115,18 @@ def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, 
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
+
+
+def training_rows(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """The rows workers train on: without the held-out evaluation rows of the clip_fid suite
+    (``selfe.eval.heldout``), and without the string columns (caption, spec), which
+    ``iter_torch_batches`` cannot convert."""
+    if cfg.eval.resolved_suite(cfg.data.source) == "clip_fid" and "caption" in ds.schema().names:
+        from selfe.eval.heldout import drop_heldout
+
+        # Default resources: fuses with the read task instead of asking Ray for another CPU.
+        ds = ds.map_batches(drop_heldout, batch_format="pyarrow", fn_kwargs={"fraction": cfg.eval.heldout_fraction})
+    return ds.select_columns([c for c in ds.schema().names if c not in STRING_COLUMNS])
 
 
 def _ordered_ingest():
@@ -141,12 +150,13 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     """The whole job. Prints where the samples, the MLflow run and the model are."""
     run_name = cfg.train.run_name or default_run_name()
     cfg.train.run_name = run_name
+    cfg.eval.require_networks(cfg.data.source)  # before hours of training, not after
     ensure_ray()
     cache_path, manifest = build_cache(cfg)
     text = TextEncoder(cfg.text)
     mlflow_run_id = _mlflow_run(cfg, run_name)
     inputs = worker_inputs(cfg, text, read_null_text(cache_path, cfg.data.s3_endpoint), latent_shape(manifest),
-                           tracking_target(cfg, mlflow_run_id))
+                           tracking_target(cfg, mlflow_run_id), cache_path=cache_path)
     t0 = time.time()
     result = fit(cfg, run_name, {"train": load_cache(cache_path, cfg)}, inputs)
     train_seconds = time.time() - t0
@@ -155,7 +165,7 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     out_dir = Path(out_root) / run_name
     model, step = export_model(cfg, result.checkpoint, out_dir / "model")
     gen = ImageGenerator(model, cfg, text=text)
-    geneval, grid_path = evaluate_and_log(cfg, gen, out_dir, mlflow_run_id)
+    geneval, grid_path = evaluate_and_log(cfg, gen, out_dir, mlflow_run_id, cache_path)
     version, registration_error = None, None
     if mlflow_run_id:
         from selfe.tracking.runlog import RunLogger
@@ -179,35 +189,64 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     return res
 
 
-def evaluate_and_log(cfg: Config, gen: ImageGenerator, out_dir: Path, run_id: str | None) -> tuple[dict, str | None]:
-    """GenEval-lite at cfg.eval.steps, the untrained-model reference at 4 steps, and a sample grid."""
+def evaluate_and_log(cfg: Config, gen: ImageGenerator, out_dir: Path, run_id: str | None,
+                     cache_path: str = "") -> tuple[dict, str | None]:
+    """The suite's table at cfg.eval.steps (GenEval-lite, or CLIP score + FID on the held-out rows of
+    the cache at ``cache_path``), the untrained-model reference at 4 steps, and a sample grid."""
     from selfe.tracking.runlog import RunLogger
     from selfe.tracking import grid_image, png_bytes
 
+    from selfe.eval.metrics import suite_metrics
+
     logger = RunLogger(run_id, spool_dir=metrics_spool_dir(cfg, cfg.train.run_name)) if run_id else None
-    results: dict = {}
-    grid_path = None
-    if cfg.eval.steps:
-        records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
-        results = evaluate_steps(gen, records, cfg.eval.steps, seed=cfg.eval.seed, out_dir=out_dir / "eval",
-                                 batch_size=cfg.eval.batch_size)
-        if cfg.eval.untrained_reference:
-            untrained = ImageGenerator(build_model(cfg.model), cfg, text=gen.text, codec=gen.codec)
-            ref = evaluate_steps(untrained, records, [4], seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)[4]
-            results["untrained@4"] = ref
-        table = steps_table(results)
-        (out_dir / "geneval_lite.md").write_text(table + "\n")
-        print(table, flush=True)
-        grid_prompts = [r["prompt"] for r in records[:: max(len(records) // cfg.eval.grid_prompts, 1)]][: cfg.eval.grid_prompts]
-        rows = {s: gen.generate(grid_prompts, steps=s, seed=cfg.eval.seed)[0] for s in cfg.eval.steps}
-        grid_path = str(out_dir / "samples.png")
-        Path(grid_path).write_bytes(png_bytes(grid_image(rows)))
-        (out_dir / "samples.txt").write_text("rows: steps " + ", ".join(map(str, sorted(rows))) +
-                                             "\ncolumns:\n" + "\n".join(grid_prompts) + "\n")
-        if logger:
-            logger.log_metrics(geneval_metrics(results), 0)
-            logger.log_artifact_bytes(table.encode(), "eval/geneval_lite.md")
-            logger.log_artifact_bytes(Path(grid_path).read_bytes(), "samples/final_grid.png")
+    suite = cfg.eval.resolved_suite(cfg.data.source)
+    results, prompts, table = (_geneval_table if suite == "geneval_lite" else _realdata_table)(cfg, gen, out_dir,
+                                                                                             cache_path)
+    name = "geneval_lite" if suite == "geneval_lite" else "clip_fid"
+    (out_dir / f"{name}.md").write_text(table + "\n")
+    print(table, flush=True)
+    grid_prompts = prompts[:: max(len(prompts) // cfg.eval.grid_prompts, 1)][: cfg.eval.grid_prompts]
+    rows = {s: gen.generate(grid_prompts, steps=s, seed=cfg.eval.seed)[0] for s in cfg.eval.steps}
+    grid_path = str(out_dir / "samples.png")
+    Path(grid_path).write_bytes(png_bytes(grid_image(rows)))
+    (out_dir / "samples.txt").write_text("rows: steps " + ", ".join(map(str, sorted(rows))) +
+                                         "\ncolumns:\n" + "\n".join(grid_prompts) + "\n")
     if logger:
+        logger.log_metrics(suite_metrics(suite, results), 0)
+        logger.log_artifact_bytes(table.encode(), f"eval/{name}.md")
+        logger.log_artifact_bytes(Path(grid_path).read_bytes(), "samples/final_grid.png")
         logger.close()
     return results, grid_path
+
+
+def _untrained(cfg: Config, gen: ImageGenerator) -> ImageGenerator:
+    """An untrained model with the same encoders: the floor every table shows at 4 steps."""
+    return ImageGenerator(build_model(cfg.model), cfg, text=gen.text, codec=gen.codec)
+
+
+def _geneval_table(cfg: Config, gen: ImageGenerator, out_dir: Path, cache_path: str) -> tuple[dict, list[str], str]:
+    """GenEval-lite results {steps: summary}, the prompts, the markdown table."""
+    records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
+    results = evaluate_steps(gen, records, cfg.eval.steps, seed=cfg.eval.seed, out_dir=out_dir / "eval",
+                             batch_size=cfg.eval.batch_size)
+    if cfg.eval.untrained_reference:
+        results["untrained@4"] = evaluate_steps(_untrained(cfg, gen), records, [4], seed=cfg.eval.seed,
+                                                batch_size=cfg.eval.batch_size)[4]
+    return results, [r["prompt"] for r in records], steps_table(results)
+
+
+def _realdata_table(cfg: Config, gen: ImageGenerator, out_dir: Path, cache_path: str) -> tuple[dict, list[str], str]:
+    """CLIP score and FID results {steps: summary} on the held-out rows, their captions, the table."""
+    from selfe.eval.heldout import read_heldout
+    from selfe.eval.realdata import build_scorer, decode_latents, evaluate_realdata_steps, realdata_table
+
+    e = cfg.eval
+    heldout = read_heldout(cache_path, e.heldout_fraction, e.num_images, cfg.data.s3_endpoint)
+    reference = decode_latents(gen.codec, heldout.latents, e.batch_size)
+    scorer = build_scorer(e.clip_model, e.fid_features, reference, gen.device, e.batch_size)
+    results = evaluate_realdata_steps(gen, heldout, e.steps, scorer, seed=e.seed, out_dir=out_dir / "eval",
+                                      batch_size=e.batch_size)
+    if e.untrained_reference:
+        results["untrained@4"] = evaluate_realdata_steps(_untrained(cfg, gen), heldout, [4], scorer, seed=e.seed,
+                                                         batch_size=e.batch_size)[4]
+    return results, heldout.captions, realdata_table(results)

@@ -26,7 +26,7 @@ from selfe.core.objective import SelfEObjective
 from selfe.core.sampling import SamplerConfig, resolve_landing, sample
 from selfe.data.contract import batch_from_rows
 from selfe.data.loader import shard_batches
-from selfe.eval.metrics import FEWSTEP_METRIC
+from selfe.eval.metrics import METRIC_MODES, UNSCORED, periodic_metrics
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInputs
@@ -69,7 +69,12 @@ class WorkerLoop:
         self.peak = device_peak_flops(self.device, "bf16" if mp_dtype else "fp32", cfg.train.peak_tflops)
         # Share of each parameter this rank stores (about 1 / world under FSDP).
         self.param_fraction = float(np.mean(list(local_fraction(model).values())))
-        self.fewstep = 0.0  # last periodic GenEval-lite score, carried in every report (Tune needs it)
+        self.suite = cfg.eval.resolved_suite(cfg.data.source)
+        # The last periodic scores, carried in every report (Tune needs its metric in each); the worst
+        # value until the first evaluation, which is then not logged to MLflow.
+        self.fewstep = {name: UNSCORED[METRIC_MODES[name]] for name in periodic_metrics(self.suite)}
+        self.scored = False
+        self.realdata = None  # clip_fid: CLIP, feature net and reference statistics, loaded on rank 0 once
         self.window = {"images": 0, "data_s": 0.0, "compute_s": 0.0, "start": time.perf_counter()}
         self.tracker = self._tracker()
 
@@ -147,13 +152,13 @@ class WorkerLoop:
             return
         metrics: dict[str, float] = {"step": step, "epoch": self.epoch}
         if do_eval:
-            self.fewstep = self._periodic_eval()
+            self.fewstep, self.scored = self._periodic_eval(), True
         if do_log:
             metrics.update(self._throughput(stats))
-        if self.inputs.periodic_eval is not None:
-            metrics[FEWSTEP_METRIC] = self.fewstep
         if self.tracker is not None and (do_log or do_eval):
-            self.tracker.log_metrics(metrics, step)
+            self.tracker.log_metrics({**metrics, **(self.fewstep if self.scored else {})}, step)
+        if self.inputs.periodic_eval is not None:
+            metrics.update(self.fewstep)
             if do_log:
                 print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
                       f"{metrics.get('images_per_s', 0):.1f} img/s", flush=True)
@@ -217,19 +222,37 @@ class WorkerLoop:
         x, _ = sample(self.tr.ema, noise, cond, self.null, sc, cfg.shift_mu(self.inputs.latent_shape[1:]), generator=g)
         return x.float().cpu().numpy()
 
-    def _periodic_eval(self) -> float:
-        """Mean GenEval-lite overall over the few-step counts (default 1, 2, 4): the quick quality
-        signal Tune's scheduler ranks trials by. Every rank samples; all compute the same score."""
+    def _periodic_eval(self) -> dict[str, float]:
+        """The quick quality signal Tune's scheduler ranks trials by, averaged over the few-step counts
+        (default 1, 2, 4): GenEval-lite overall, or (clip_fid) FID and CLIP score on held-out rows.
+        Every rank samples (the sharded EMA needs them all); GenEval-lite is scored on every rank, the
+        networks of clip_fid on rank 0 only (Ray Train keeps rank 0's metrics)."""
         from selfe.encoders.image import build_codec, tensor_to_images
         from selfe.eval.geneval_lite import evaluate
+        from selfe.eval.metrics import CLIP_FEWSTEP_METRIC, FEWSTEP_METRIC, FID_FEWSTEP_METRIC
 
         pe = self.inputs.periodic_eval
-        codec = build_codec(self.cfg.codec)
-        scores = []
+        codec = build_codec(self.cfg.codec, device=self.device)
+        scores: dict[str, list[float]] = {}
         for steps in self.cfg.eval.periodic_steps:
-            images = tensor_to_images(codec.decode(torch.from_numpy(self._sample(pe, steps))))
-            scores.append(evaluate(list(images), pe.records)[1]["overall"])
-        return float(np.mean(scores))
+            images = tensor_to_images(codec.decode(torch.from_numpy(self._sample(pe, steps)).to(self.device)))
+            if self.suite == "geneval_lite":
+                scores.setdefault(FEWSTEP_METRIC, []).append(evaluate(list(images), pe.records)[1]["overall"])
+            elif self.rank == 0:
+                summary, _ = self._realdata_scorer(codec).score(images, pe.prompts)
+                scores.setdefault(FID_FEWSTEP_METRIC, []).append(summary["fid"])
+                scores.setdefault(CLIP_FEWSTEP_METRIC, []).append(summary["clip_score"])
+        return {name: float(np.mean(values)) for name, values in scores.items()} or self.fewstep
+
+    def _realdata_scorer(self, codec):
+        """CLIP, the FID feature net and the held-out reference statistics, built at the first use."""
+        if self.realdata is None:
+            from selfe.eval.realdata import build_scorer, decode_latents
+
+            e = self.cfg.eval
+            reference = decode_latents(codec, self.inputs.periodic_latents, e.batch_size)
+            self.realdata = build_scorer(e.clip_model, e.fid_features, reference, self.device, e.batch_size)
+        return self.realdata
 
 
 def train_loop_per_worker(loop_config: dict) -> None:

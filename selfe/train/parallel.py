@@ -1,7 +1,9 @@
 """FSDP2 wrapping as free functions: the model never knows it is sharded (torchtitan style).
 
 Each double/single block is its own FSDP unit (one all-gather per block in forward and backward),
-plus the root for the embedders and the final layer.
+plus the root for the embedders and the final layer. Over W workers the mesh is either 1-D (plain
+FSDP: every tensor split W ways) or, with ``train.hsdp_replicas = R``, 2-D of shape (R, W / R):
+HSDP, parameters replicated across the R groups and split W / R ways within each.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from selfe.configtools import ConfigError
 from selfe.core.model import MMDiT, ModelConfig
 from selfe.train.step import mixed_precision_dtype
 
@@ -50,15 +55,31 @@ def compile_blocks(model: MMDiT) -> None:
         block.compile()
 
 
-def shard(model: MMDiT, mp_dtype: torch.dtype | None = None) -> MMDiT:
-    """``fully_shard`` per block and at the root over the default process group.
+def device_mesh(device: torch.device, replicas: int) -> DeviceMesh | None:
+    """The mesh to shard over: None (the default group, plain FSDP) for ``replicas`` = 1, else a 2-D
+    (replicas, world / replicas) mesh named ("replicate", "shard"); ``fully_shard`` on a 2-D mesh is
+    HSDP (all-gather and reduce-scatter within a row, gradient all-reduce down each column)."""
+    if replicas == 1:
+        return None
+    world = dist.get_world_size()
+    if world % replicas:
+        raise ConfigError(f"world size {world} is not divisible by train.hsdp_replicas={replicas}: "
+                          "set hsdp_replicas to a divisor of train.num_workers (e.g. the node count)")
+    return init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
 
-    mp_dtype: compute dtype of parameters (bf16 on GPU); gradients are reduced in fp32.
+
+def shard(model: MMDiT, mp_dtype: torch.dtype | None = None, mesh: DeviceMesh | None = None) -> MMDiT:
+    """``fully_shard`` per block and at the root over ``mesh`` (None: the default process group).
+
+    mp_dtype: compute dtype of parameters (bf16 on GPU). The sharded parameters, and so the
+    optimiser's master weights, stay fp32: FSDP casts the all-gathered copy to ``mp_dtype`` for
+    forward/backward and reduces gradients in fp32 (``reduce_dtype``), so small updates are not lost
+    to bf16's 8-bit mantissa.
     """
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
     for block in _blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -66,10 +87,12 @@ def build_sharded_model(cfg: ModelConfig, train: TrainConfig, device: torch.devi
                         activation_checkpointing: bool | None = None) -> MMDiT:
     """Build on the meta device, shard, materialise on ``device``, then initialise.
 
-    No rank ever holds the full model. DTensor's random ops draw each shard from the same seeded
-    stream as the full tensor, so every rank agrees on the weights whatever the world size.
-    ``train`` gives fsdp, mixed_precision, seed and activation_checkpointing (overridden by the
-    argument when given: the EMA never runs backward).
+    On CUDA no rank ever holds the full model: DTensor's random ops draw each shard from the same
+    seeded stream as the full tensor, so every rank agrees on the weights whatever the mesh. On CPU
+    DTensor has no distributed RNG, so ``init_from_full`` initialises there instead: the weights
+    equal a single process's for the same seed, under any mesh.
+    ``train`` gives fsdp, hsdp_replicas, mixed_precision, seed and activation_checkpointing
+    (overridden by the argument when given: the EMA never runs backward).
     """
     if activation_checkpointing is None:
         activation_checkpointing = train.activation_checkpointing
@@ -79,13 +102,37 @@ def build_sharded_model(cfg: ModelConfig, train: TrainConfig, device: torch.devi
         apply_activation_checkpointing(model)
     # One worker has nothing to shard with: skip FSDP and its per-op DTensor overhead.
     if train.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
-        shard(model, mixed_precision_dtype(train.mixed_precision, device))
+        shard(model, mixed_precision_dtype(train.mixed_precision, device), device_mesh(device, train.hsdp_replicas))
     model.to_empty(device=device)
     torch.manual_seed(train.seed)
-    model.init_weights()
+    if is_sharded(model) and device.type == "cpu":
+        init_from_full(model, cfg)
+    else:
+        model.init_weights()
     if train.compile:
         compile_blocks(model)
     return model
+
+
+@torch.no_grad()
+def init_from_full(model: MMDiT, cfg: ModelConfig) -> None:
+    """Initialise a sharded model from an unsharded one drawn from the current RNG state; each rank
+    keeps its own pieces (``distribute_tensor(src_data_rank=None)`` slices locally, no traffic).
+
+    Why: on a mesh without DTensor RNG support (CPU), ``init_weights`` on the shards would draw each
+    rank's shard from that rank's own stream: under one seed every rank gets the same numbers, so a
+    (2 x D) weight split in 2 holds two copies of one (1 x D) draw, and the weights depend on the
+    mesh. Holding one full copy for a moment is affordable at CPU model sizes.
+    """
+    with torch.device("meta"):  # no RNG draws here: the stream is init_weights', as unsharded
+        full = MMDiT(cfg)
+    full.to_empty(device="cpu")
+    full.init_weights()
+    for p, q in zip(model.parameters(), full.parameters(), strict=True):
+        if hasattr(p, "to_local"):
+            p.to_local().copy_(distribute_tensor(q, p.device_mesh, p.placements, src_data_rank=None).to_local())
+        else:
+            p.copy_(q)
 
 
 def is_sharded(model: nn.Module) -> bool:

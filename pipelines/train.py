@@ -14,9 +14,11 @@ Every ``--section.field=value`` overrides the config; unknown keys fail before a
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
-from selfe.config import load_config
+from selfe.config import Config, load_config
 from selfe.configtools import ConfigError
 from selfe.paths import anchor_outputs
 
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.dump())
         return 0
+    if os.environ.get("RAY_ADDRESS"):  # a cluster's driver: `ray job submit`, a RayJob, or a shell on the head
+        print_job_locations(cfg)
     from selfe.train.job import run_training
 
     res = run_training(cfg, promote=args.promote, out_root=args.out)
@@ -48,15 +52,54 @@ def main(argv: list[str] | None = None) -> int:
     if res.grid_path:
         print(f"sample grid:     {res.grid_path} (rows: steps {cfg.eval.steps}; prompts in samples.txt)")
     if res.mlflow_run_id:
-        print(f"MLflow run:      {res.mlflow_run_id} at {__import__('os').environ.get('MLFLOW_TRACKING_URI')}")
+        print(f"MLflow run:      {res.mlflow_run_id} at {os.environ.get('MLFLOW_TRACKING_URI')}")
         if res.model_version is not None:
             print(f"registered:      models:/{cfg.tracking.registered_model}/{res.model_version} "
                   f"(alias @{cfg.tracking.alias}{', @champion' if args.promote or cfg.tracking.promote_champion else ''})")
-        print("browse:          mlflow ui --backend-store-uri " + __import__("os").environ.get("MLFLOW_TRACKING_URI", ""))
+        print(f"browse:          {mlflow_ui_hint(os.environ.get('MLFLOW_TRACKING_URI', ''))}")
     if res.registration_error:
         print(f"NOT registered:  {res.registration_error}", file=sys.stderr)
         return 1
     return 0
+
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted entrypoint
+
+
+def job_locations(cfg: Config, dashboard_url: str, job_config_json: str = "") -> list[str]:
+    """Lines that say where a job's MLflow runs and Ray dashboard are (printed before training: a
+    submitted job's log is often all its user sees). ``dashboard_url`` as `ray.init` reports it (the
+    head's address as the cluster sees it); ``job_config_json``: $RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    from selfe.tracking import resolve_tracking_uri
+
+    lines = []
+    if dashboard_url:
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        submission = json.loads(job_config_json or "{}").get("metadata", {}).get("job_submission_id", "")
+        lines.append(f"Ray dashboard:   {url}" + (f" (Jobs tab: {submission})" if submission else ""))
+    if not cfg.tracking.enabled:
+        return [*lines, "MLflow:          off (tracking.enabled=false)"]
+    uri = resolve_tracking_uri(cfg)
+    where = " on the node that runs this driver" if uri.startswith("sqlite:") else ""
+    return [*lines, f"MLflow UI:       {mlflow_ui_hint(uri)}{where}"]
+
+
+def mlflow_ui_hint(uri: str) -> str:
+    """How to browse the runs at tracking URI ``uri``: a server's own address, else an `mlflow ui`
+    command (SQLite and database stores have no UI of their own)."""
+    if uri.startswith(("http://", "https://")):
+        return uri
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def print_job_locations(cfg: Config) -> None:
+    """Join the cluster (`selfe.train.job` reuses the connection) and print `job_locations`."""
+    import ray
+
+    context = ray.init() if not ray.is_initialized() else None
+    dashboard = (context.dashboard_url if context else "") or ""
+    for line in job_locations(cfg, dashboard, os.environ.get(RAY_JOB_ENV, "")):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

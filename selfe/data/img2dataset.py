@@ -43,7 +43,7 @@ def img2dataset_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
     """Rows ``{id, image: bytes, caption, spec, error}`` of an img2dataset output folder (see module doc)."""
     import ray.data
 
-    from selfe.data.sources import _read_shards
+    from selfe.data.sources import read_shards
 
     tars = [f for f in files if _SHARD.match(posixpath.basename(f)) and f.endswith(".tar")]
     tables = [f for f in files if _SHARD.match(posixpath.basename(f)) and f.endswith(".parquet")]
@@ -68,7 +68,7 @@ def img2dataset_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
     # tests/test_img2dataset.py), while ours keeps the samples before the cut and counts one corrupt_shard.
     items = [{"shard": s, "name": posixpath.relpath(s, root)} for s in tars]
     downloaded = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_shards, batch_size=1, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs, "caption_key": "caption"}
+        read_shards, batch_size=1, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs, "caption_key": "caption"}
     )
     return downloaded.union(_parquet_shards(fs, tables, [], **kwargs))
 

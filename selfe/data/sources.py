@@ -195,9 +195,11 @@ def byte_source_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
         shards = [f for f in files if f.endswith(".tar")]
         if not shards:
             raise FileNotFoundError(f"no .tar shards under data.source {cfg.data.source!r}")
+        # Not ray.data.read_webdataset: a truncated tar fails its read task, and with it the job (Ray 2.60;
+        # tests/test_img2dataset.py checks it); read_shards keeps the samples before the cut and counts the shard.
         items = [{"shard": s, "name": _rel(s, root)} for s in shards]
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _read_shards, batch_size=1, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs, "caption_key": cfg.data.caption_column}
+            read_shards, batch_size=1, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs, "caption_key": cfg.data.caption_column}
         )
     if source_format == "parquet":
         tables = [f for f in files if f.endswith(".parquet")]
@@ -285,7 +287,7 @@ def _byte_rows(ids: list, images: list[bytes], captions: list[str], errors: list
     }
 
 
-def _read_shards(batch: dict[str, np.ndarray], fs: pafs.FileSystem, caption_key: str) -> Iterator[dict]:
+def read_shards(batch: dict[str, np.ndarray], fs: pafs.FileSystem, caption_key: str) -> Iterator[dict]:
     """Stream each WebDataset tar; group members by key (path up to the first dot of the file name)."""
     for shard, name in zip(batch["shard"], batch["name"]):
         pending: list[tuple[str, bytes, str, str]] = []

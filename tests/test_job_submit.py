@@ -1,10 +1,12 @@
 """Job submission the real way: `ray start --head` on 127.0.0.1 in its own temp dir, `ray job submit`,
-wait, then stop that cluster's processes only (`ray stop` would stop every Ray on the machine)."""
+wait, then stop that cluster's processes only (`ray stop` would stop every Ray on the machine).
+The fast tests check what a job prints about where its dashboard and MLflow runs are."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,7 +18,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # The CLI that belongs to this interpreter, whether or not its bin folder is on PATH.
 RAY = str(Path(sys.executable).parent / "ray")
@@ -67,9 +68,10 @@ def _stop_cluster(temp_dir: str, grace_s: float = 15.0) -> None:
 @pytest.fixture
 def cluster():
     """A one-node Ray cluster started with the CLI in its own temp dir (short: Ray's socket paths must
-    fit in 107 bytes). Token auth is disabled for this throwaway cluster, so that the CLI clients below
-    need no token (see architecture.md)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    fit in 107 bytes), with token auth as a real cluster has it: a fresh token in $RAY_AUTH_TOKEN (so
+    ~/.ray/auth_token is neither needed nor touched) and RAY_AUTH_MODE=token for it and its clients."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     for name in ("MLFLOW_TRACKING_URI", "SELFE_HOME"):  # earlier tests in this process may have set them
         env.pop(name, None)
     temp_dir = tempfile.mkdtemp(prefix="selfe-ray-", dir="/tmp")
@@ -123,10 +125,63 @@ def _submit(address: str, env: dict, job_id: str, runtime_env: dict, args: list[
     return status, out.stdout + out.stderr
 
 
+def test_job_locations_name_the_dashboard_and_how_to_browse_mlflow() -> None:
+    from pipelines.train import job_locations
+    from selfe.config import load_config
+
+    job = json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_abc"}})
+    sqlite = load_config(overrides=["--tracking.tracking_uri=sqlite:////data/selfe/mlflow.db"])
+    assert job_locations(sqlite, "127.0.0.1:8265", job) == [
+        "Ray dashboard:   http://127.0.0.1:8265 (Jobs tab: raysubmit_abc)",
+        "MLflow UI:       mlflow ui --backend-store-uri sqlite:////data/selfe/mlflow.db on the node that runs this driver",
+    ]
+    server = load_config(overrides=["--tracking.tracking_uri=http://mlflow.mlflow.svc.cluster.local:5000"])
+    assert job_locations(server, "http://10.0.0.5:8265") == [
+        "Ray dashboard:   http://10.0.0.5:8265", "MLflow UI:       http://mlflow.mlflow.svc.cluster.local:5000"]
+    off = load_config(overrides=["--tracking.enabled=false"])
+    assert job_locations(off, "") == ["MLflow:          off (tracking.enabled=false)"]
+
+
+def test_a_driver_on_a_cluster_prints_the_locations_before_training(monkeypatch, capsys, tmp_path) -> None:
+    """`main` with RAY_ADDRESS set joins the cluster and prints the lines before training starts."""
+    import ray
+
+    import pipelines.train as train
+    import selfe.train.job
+
+    class Context:
+        dashboard_url = "127.0.0.1:8265"
+
+    class TrainingStarted(Exception):
+        pass
+
+    def start_training(*args, **kwargs):
+        raise TrainingStarted
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("SELFE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: Context())
+    monkeypatch.setattr(selfe.train.job, "run_training", start_training)
+    with pytest.raises(TrainingStarted):
+        train.main([])
+    out = capsys.readouterr().out
+    assert "Ray dashboard:   http://127.0.0.1:8265\n" in out
+    assert f"MLflow UI:       mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db" in out
+
+
+@pytest.mark.slow
 def test_ray_job_submit_trains_and_registers_outside_the_working_dir_copy(cluster, tmp_path):
     """With relative defaults only, SELFE_HOME puts the registry, checkpoints and model in a durable
     folder; a job without it refuses to start instead of writing into Ray's package copy."""
     address, env = cluster
+    # The first-contact failure the README warns about: a client without RAY_AUTH_MODE=token sends no token.
+    tokenless = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    denied = subprocess.run([RAY, "job", "submit", "--address", address, "--", "python", "-c", "print(1)"],
+                            env=tokenless, capture_output=True, text=True, timeout=120)
+    said = denied.stdout + denied.stderr
+    assert denied.returncode != 0 and "AuthenticationError" in said and "Missing authentication token" in said, said
     home = tmp_path / "home"
     excludes = ["outputs", "mlflow.db", "mlartifacts", ".git", "*.egg-info"]
     refused, logs = _submit(address, env, f"selfe-nohome-{int(time.time())}",
@@ -138,6 +193,10 @@ def test_ray_job_submit_trains_and_registers_outside_the_working_dir_copy(cluste
                            [*SMALL_RUN, "--train.run_name=submitted"])
     assert status == "SUCCEEDED", logs[-3000:]
     assert "selfe training finished" in logs
+    # Printed before training: the dashboard this job is on and how to browse its MLflow runs.
+    assert f"Ray dashboard:   {address} (Jobs tab: selfe-test-" in logs, logs[:3000]
+    db = f"sqlite:///{home.resolve() / 'mlflow.db'}"
+    assert f"MLflow UI:       mlflow ui --backend-store-uri {db} on the node that runs this driver" in logs
     assert (home / "mlflow.db").exists() and (home / "outputs" / "ray_results" / "submitted").is_dir()
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("selfe", "candidate").version) == "1"

@@ -1,8 +1,8 @@
 """The GPU code paths of training, exercised on CPU with gloo: bf16 mixed precision through FSDP2,
 activation checkpointing, torch.compile of the blocks, HSDP meshes, and the memory plan.
 
-The 2-rank scenarios share one ``torch.multiprocessing.spawn`` (one process group, ~10 s of start-up
-and imports on 2 cores) and are compared with a single-process reference that accumulates the same
+The 2-rank scenarios share one ``torch.multiprocessing.spawn`` (one process group; 20-50 s on 2
+shared cores, hence ``slow``) and are compared with a single-process reference that accumulates the same
 two per-rank losses, so "same loss as single-process" is checked step by step, not only at init.
 """
 
@@ -25,6 +25,7 @@ from selfe.core.ema import make_ema, update_ema
 from selfe.core.model import MODEL_PRESETS, ModelConfig
 from selfe.core.objective import SelfEObjective
 from selfe.core.types import Batch, TextCond
+from selfe.memplan import param_shapes, sharded_numel
 from selfe.train.parallel import build_sharded_model, device_mesh, init_from_full, local_fraction, shard
 from selfe.train.step import Trainee, build_optimizer, clip_grad_norm, train_step
 
@@ -177,6 +178,7 @@ def _losses(ranks, name) -> torch.Tensor:
     return torch.tensor([r[name]["loss"] for r in ranks]).T  # (STEPS, WORLD)
 
 
+@pytest.mark.slow  # shares the 2-rank spawn: 20-50 s on 2 cores
 def test_fsdp_and_hsdp_match_the_single_process_reference(ranks):
     reference = torch.tensor(_reference_losses())
     # fp32 throughout; only the order of the gradient sums differs (reduce-scatter vs accumulation).
@@ -185,6 +187,7 @@ def test_fsdp_and_hsdp_match_the_single_process_reference(ranks):
     assert _losses(ranks, "fp32")[-1].ne(_losses(ranks, "fp32")[0]).all()  # the steps changed the model
 
 
+@pytest.mark.slow  # shares the 2-rank spawn: 20-50 s on 2 cores
 def test_sharded_initialisation_equals_the_unsharded_one(ranks):
     """On CPU meshes (no DTensor RNG) ``init_from_full`` makes the shards pieces of one draw, so the
     first losses (before any update) equal the unsharded model's; with ``init_weights`` on the shards
@@ -193,6 +196,7 @@ def test_sharded_initialisation_equals_the_unsharded_one(ranks):
     torch.testing.assert_close(_losses(ranks, "fp32")[0], reference, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow  # shares the 2-rank spawn: 20-50 s on 2 cores
 def test_hsdp_shard_fraction_is_what_the_mesh_implies(ranks):
     for r in ranks:
         # 2 x 1: replicated across the 2 groups, nothing split; 1 x 2 and plain FSDP: halves
@@ -201,6 +205,10 @@ def test_hsdp_shard_fraction_is_what_the_mesh_implies(ranks):
         assert set(r["hsdp_1x2"]["fraction"].values()) == {0.5}
         assert set(r["fp32"]["fraction"].values()) == {0.5}
     assert "hsdp_replicas=3" in ranks[0]["mesh_error"] and "divisor" in ranks[0]["mesh_error"]
+    # selfe.memplan's rounding rule is FSDP2's: the run stored exactly this many elements per rank
+    shapes = param_shapes(_cfg().model)
+    stored = sum(f * s.numel() for f, s in zip(ranks[0]["fp32"]["fraction"].values(), shapes))
+    assert stored == sharded_numel(shapes, WORLD)
 
 
 def test_hsdp_replicas_is_validated():
@@ -211,6 +219,7 @@ def test_hsdp_replicas_is_validated():
     assert _cfg("--train.hsdp_replicas=2").train.hsdp_replicas == 2
 
 
+@pytest.mark.slow  # shares the 2-rank spawn: 20-50 s on 2 cores
 def test_bf16_mixed_precision_keeps_fp32_master_weights(ranks):
     for r in ranks:
         bf16 = r["bf16"]
@@ -230,6 +239,7 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(ranks):
     assert 0 < rel < 5e-2, rel
 
 
+@pytest.mark.slow  # shares the 2-rank spawn: 20-50 s on 2 cores
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(ranks):
     # Recomputing a block repeats the same fp32 ops on the same inputs: equal up to round-off.
     torch.testing.assert_close(_losses(ranks, "checkpointing"), _losses(ranks, "fp32"), rtol=1e-6, atol=1e-7)
@@ -282,3 +292,49 @@ def test_compiled_blocks_give_the_eager_loss():
           f"later steps {sum(compiled_s[1:]) / (STEPS - 1):.3f} s vs eager {sum(eager_s[1:]) / (STEPS - 1):.3f} s")
     # Inductor fuses and reorders fp32 ops: equal to eager up to accumulated fp32 round-off.
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-6)
+
+
+def test_memory_plan_matches_the_parameter_sizes():
+    from selfe.core.model import build_model
+    from selfe.memplan import plan
+
+    cfg = load_config(preset="0.5b").model
+    total = sum(p.numel() for p in build_model(cfg, "meta").parameters())
+    one = plan("0.5b", cfg, 1, "fsdp")
+    assert one.params_total == total and one.params == 4 * total and one.adam == 8 * total
+    assert one.states == (4 + 4 + 8 + 4) * total
+    for workers in (8, 32, 64):
+        fsdp, hsdp = plan("0.5b", cfg, workers, "fsdp"), plan("0.5b", cfg, workers, "hsdp", node_size=8)
+        # dim-0 shards rounded up: at least 1/N of the total, padding below one row per tensor
+        assert 4 * total <= workers * fsdp.params < 4 * total * 1.01
+        assert hsdp.params == plan("0.5b", cfg, 8, "fsdp").params  # sharded 8 ways within a node
+
+
+def test_activation_estimate_is_close_to_the_tensors_autograd_saves():
+    """Bytes autograd keeps for backward (saved-tensor hooks; parameters excluded) against the
+    per-token formula at fp32, for a 1+1-block model over 4 x (256 image + 16 text) tokens."""
+    from selfe.core.model import build_model
+    from selfe.memplan import activation_bytes_per_token
+
+    cfg = ModelConfig(width=64, head_dim=16, double_blocks=1, single_blocks=1, text_width=8, pooled_width=8)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # leave adaLN-zero so that every branch is live
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    b, n_txt = 4, 16
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(b, 3, 32, 32), torch.rand(b), torch.zeros(b), torch.randn(b, n_txt, 8),
+              torch.ones(b, n_txt, dtype=torch.bool), torch.randn(b, 8))
+    estimate = activation_bytes_per_token(cfg, checkpointing=False, dtype_bytes=4) * b * (256 + n_txt)
+    measured = sum(saved.values())
+    print(f"activations: measured {measured / 1e6:.2f} MB, estimated {estimate / 1e6:.2f} MB")
+    # the estimate leaves out the embedders' and final layer's few D per token: within 25%
+    assert 0.9 * estimate <= measured <= 1.25 * estimate, (measured, estimate)

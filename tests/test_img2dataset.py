@@ -19,6 +19,8 @@ from selfe.configtools import ConfigError
 from selfe.data.cache import build_cache, load_cache
 from selfe.data.img2dataset import is_img2dataset, parquet_rows
 from selfe.data.sources import detect_format, list_files
+from selfe.eval.heldout import heldout_mask, read_heldout
+from selfe.train.job import training_rows
 from tests.source_files import write_img2dataset_parquet, write_img2dataset_webdataset, write_shards
 
 PARQUET_CAPTIONS = sorted(f"img2dataset picture {k}" for k in ("000000000", "000000001", "000000003", "000010000"))
@@ -93,6 +95,14 @@ def test_parquet_output_format(ray_session: str, tmp_path: Path) -> None:
     assert manifest["skipped"] == {"download_failed": 1}
     assert manifest["skipped_examples"]["download_failed"] == ["00000.parquet:000000002"]
     assert sorted(r["caption"] for r in load_cache(path, cfg).take_all()) == PARQUET_CAPTIONS
+    # Real data is scored on held-out rows (eval suite clip_fid): training never sees them.
+    fraction = 0.5
+    held = {c for c, out in zip(PARQUET_CAPTIONS, heldout_mask(PARQUET_CAPTIONS, fraction)) if out}
+    assert 0 < len(held) < len(PARQUET_CAPTIONS)  # this fraction splits these captions, so the check can fail
+    real = _cfg(tmp_path / "cache", tmp_path / "src", "--eval.suite=clip_fid", f"--eval.heldout_fraction={fraction}")
+    trained = training_rows(load_cache(path, real), real)
+    assert trained.count() == len(PARQUET_CAPTIONS) - len(held) and "caption" not in trained.schema().names
+    assert sorted(read_heldout(path, fraction, limit=10).captions) == sorted(held)  # and evaluation sees them
 
 
 @pytest.mark.slow

@@ -112,13 +112,24 @@ class AutoencoderKLCodec(ImageCodec):
 
         if not cfg.path:
             raise ValueError("codec kind 'autoencoder_kl' needs `path`: a local dir, s3:// prefix or hub id")
-        self.device = torch.device(device)
-        self.sample = cfg.sample
         resolved = resolve_model_dir(cfg.path)
         vae = load_pretrained(AutoencoderKL.from_pretrained, resolved, torch_dtype=dtype)
+        self._attach(cfg, vae, device, f"autoencoder_kl:{model_id(cfg.path, resolved)}")
+
+    @classmethod
+    def from_loaded(cls, cfg: CodecConfig, vae, device: str | torch.device = "cpu",
+                    id: str = "autoencoder_kl:loaded") -> AutoencoderKLCodec:
+        """Around an ``AutoencoderKL`` someone else loaded (a diffusers pipeline's ``vae``)."""
+        codec = cls.__new__(cls)
+        codec._attach(cfg, vae, device, id)
+        return codec
+
+    def _attach(self, cfg: CodecConfig, vae, device: str | torch.device, id: str) -> None:
+        self.device = torch.device(device)
+        self.sample = cfg.sample
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         config = self.vae.config
-        self.id = f"autoencoder_kl:{model_id(cfg.path, resolved)}"
+        self.id = id
         self.channels = config.latent_channels
         # Every down block but the last halves the resolution.
         self.downsample = 2 ** (len(config.block_out_channels) - 1)

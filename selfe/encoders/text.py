@@ -61,23 +61,35 @@ class TextEncoder:
     def __init__(
         self, cfg: TextEncoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> None:
+        from transformers import AutoTokenizer
+
+        resolved = resolve_model_dir(cfg.name)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, resolved)
+        self._attach(cfg, tokenizer, _load_text_model(resolved, dtype), device, model_id(cfg.name, resolved))
+
+    @classmethod
+    def from_loaded(cls, cfg: TextEncoderConfig, tokenizer, model, device: str | torch.device = "cpu",
+                    id: str = "loaded") -> TextEncoder:
+        """Around a tokenizer and model someone else loaded (a diffusers pipeline's components)."""
+        encoder = cls.__new__(cls)
+        encoder._attach(cfg, tokenizer, model, device, id)
+        return encoder
+
+    def _attach(self, cfg: TextEncoderConfig, tokenizer, model, device: str | torch.device, id: str) -> None:
         self.cfg = cfg
         self.max_tokens = cfg.max_tokens
         self.device = torch.device(device)
-        resolved = resolve_model_dir(cfg.name)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, resolved)
+        self.tokenizer = tokenizer
         # Right padding keeps absolute positions of real tokens fixed and lets `_encode_batch` pad outputs.
         self.tokenizer.padding_side = "right"
-        self.model = _load_text_model(resolved, dtype).to(self.device).eval().requires_grad_(False)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and cfg.max_tokens > limit:
             raise ValueError(
                 f"max_tokens={cfg.max_tokens} exceeds the {limit} positions of text encoder {cfg.name!r}; "
                 f"lower max_tokens"
             )
-        self.id = model_id(cfg.name, resolved)
+        self.id = id
         probe = self.encode([""])
         self.width = probe.tokens.shape[-1]
         self.pooled_width = probe.pooled.shape[-1]

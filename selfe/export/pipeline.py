@@ -89,18 +89,8 @@ class SelfEPipeline(DiffusionPipeline):
 
 
 def _text_encoder_over(tokenizer, model, cfg: Config, device: torch.device) -> TextEncoder:
-    """A ``TextEncoder`` around already-loaded parts. ``TextEncoder.__init__`` loads from a location; here
-    diffusers has loaded the parts, so the same attributes are set directly and its encode/pool code
-    (padding, truncation, pooling) is reused unchanged."""
-    text = TextEncoder.__new__(TextEncoder)
-    text.cfg, text.max_tokens, text.device = cfg.text, cfg.text.max_tokens, torch.device(device)
-    text.tokenizer = tokenizer
-    text.tokenizer.padding_side = "right"  # as TextEncoder: real tokens keep their positions
-    text.model = model.to(device).eval().requires_grad_(False)
-    text.id = f"exported:{type(model).__name__}"
-    probe = text.encode([""])
-    text.width, text.pooled_width = probe.tokens.shape[-1], probe.pooled.shape[-1]
-    return text
+    """selfe's ``TextEncoder`` (padding, truncation, pooling) around the components diffusers loaded."""
+    return TextEncoder.from_loaded(cfg.text, tokenizer, model, device, id=f"exported:{type(model).__name__}")
 
 
 def _codec_over(vae, cfg: Config, device: torch.device) -> ImageCodec:
@@ -109,14 +99,7 @@ def _codec_over(vae, cfg: Config, device: torch.device) -> ImageCodec:
         return build_codec(cfg.codec, device=device)
     if vae is None:
         raise ValueError(f"codec kind {cfg.codec.kind!r} needs the pipeline's vae component, which is missing")
-    codec = AutoencoderKLCodec.__new__(AutoencoderKLCodec)  # as _text_encoder_over: parts already loaded
-    codec.device, codec.sample, codec.vae = torch.device(device), cfg.codec.sample, vae.to(device).eval()
-    codec.id = "exported:vae"
-    codec.channels = vae.config.latent_channels
-    codec.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-    codec.scale = float(cfg.codec.scale if cfg.codec.scale is not None else vae.config.scaling_factor)
-    codec.shift = float(cfg.codec.shift if cfg.codec.shift is not None else (vae.config.get("shift_factor") or 0.0))
-    return codec
+    return AutoencoderKLCodec.from_loaded(cfg.codec, vae, device, id="exported:vae")
 
 
 def export_diffusers(generator: ImageGenerator, out: str | Path) -> Path:

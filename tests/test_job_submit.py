@@ -193,6 +193,7 @@ def test_ray_job_submit_trains_and_registers_outside_the_working_dir_copy(cluste
                            [*SMALL_RUN, "--train.run_name=submitted"])
     assert status == "SUCCEEDED", logs[-3000:]
     assert "selfe training finished" in logs
+    assert "[selfe] step " in logs and " img/s" in logs  # rank 0's progress lines reach the job log
     # Printed before training: the dashboard this job is on and how to browse its MLflow runs.
     assert f"Ray dashboard:   {address} (Jobs tab: selfe-test-" in logs, logs[:3000]
     db = f"sqlite:///{home.resolve() / 'mlflow.db'}"

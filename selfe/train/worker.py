@@ -159,9 +159,9 @@ class WorkerLoop:
             self.tracker.log_metrics({**metrics, **(self.fewstep if self.scored else {})}, step)
         if self.inputs.periodic_eval is not None:
             metrics.update(self.fewstep)
-            if do_log:
-                print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
-                      f"{metrics.get('images_per_s', 0):.1f} img/s", flush=True)
+        if do_log and self.rank == 0:
+            print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
+                  f"{metrics.get('images_per_s', 0):.1f} img/s", flush=True)
         if do_grid:
             self._log_grid(step)
         if do_ckpt:

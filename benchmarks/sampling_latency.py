@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
 from selfe.config import load_config
+from selfe.latency import random_conditions, time_sampling
 
 
 def _conditions(cfg) -> tuple:
     """64 text conditions and the encoder's ms per prompt: the bundled encoder, timed as the generator
     runs it; for production widths (T5) random embeddings of the right shape (time: nan)."""
-    from selfe.core.types import TextCond
     from selfe.encoders.text import TextEncoder
 
     prompts = ["a photo of a red circle", "a blue square to the left of a green triangle"]
@@ -35,9 +34,7 @@ def _conditions(cfg) -> tuple:
         base = encoder.encode(prompts * 32)
         text_ms = (time.perf_counter() - t0) * 1000 / 64
     else:
-        n = cfg.text.max_tokens
-        base = TextCond(torch.randn(64, n, cfg.model.text_width), torch.ones(64, n, dtype=torch.bool),
-                        torch.randn(64, cfg.model.pooled_width))
+        base = random_conditions(cfg, 64)
         text_ms = float("nan")
     return base, text_ms
 
@@ -55,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from selfe.core.model import build_model
-    from selfe.core.sampling import resolve_landing, sample
 
     device = torch.device(args.device)
     model = build_model(cfg.model, device).eval()  # bf16 runs under autocast, as the generator's caller would
@@ -71,22 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         cond, null = base[idx].to(device), base[:1].to(device)
         for steps in [int(s) for s in args.steps.split(",")]:
             for omega in (cfg.sampler.guidance, 1.0):
-                sc = replace(cfg.sampler, steps=steps, guidance=omega,
-                             landing=resolve_landing(cfg.sampler.landing, cfg.objective.method))
-                times, nfe = [], 0
-                for i in range(args.repeats + 1):
-                    g = torch.Generator(device).manual_seed(i)
-                    noise = torch.randn(batch, cfg.model.in_channels, side, side, generator=g, device=device)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"):
-                        _, nfe = sample(model, noise, cond, null, sc, cfg.shift_mu((side, side)), generator=g)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    if i:
-                        times.append(time.perf_counter() - t)
-                ms = sorted(times)[len(times) // 2] * 1000
+                ms, nfe = time_sampling(model, cfg, cond, null, side, steps, omega, device, args.dtype, args.repeats)
                 print(f"| {batch} | {steps} | {omega:g} | {nfe} | {ms:.1f} | {ms / steps:.2f} | {ms / batch:.2f} |",
                       flush=True)
     return 0

@@ -158,9 +158,9 @@ def _timed_steps(tr: Trainee, data, null, n: int, device: torch.device) -> list[
 def saved_for_backward_bytes(tr: Trainee, data, null) -> int:
     """Bytes autograd keeps for backward over one optimiser step: distinct storages packed by
     ``saved_tensors_hooks``, parameters excluded (their bf16 copies under autocast count). The
-    activation share of peak memory, measurable on
-    any device; under non-reentrant activation checkpointing only the blocks' inputs and what lies
-    outside the blocks are seen (the checkpoint's own hooks take the rest)."""
+    activation share of peak memory, measurable on any device; under non-reentrant activation
+    checkpointing only the blocks' inputs and what lies outside the blocks are seen (the
+    checkpoint's own hooks take the rest)."""
     params = {p.untyped_storage().data_ptr() for p in tr.model.parameters()}
     seen: dict[int, int] = {}
 

@@ -24,7 +24,7 @@ from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.step import Trainee, build_optimizer, train_step
 
 
-def _random_batch(cfg, batch: int, res: int, n_txt: int, device) -> tuple[Batch, TextCond]:
+def random_batch(cfg, batch: int, res: int, n_txt: int, device) -> tuple[Batch, TextCond]:
     c = cfg.model
     x0 = torch.randn(batch, c.in_channels, res, res, device=device).clamp(-1, 1)
     mask = torch.zeros(batch, n_txt, dtype=torch.bool, device=device)
@@ -36,28 +36,39 @@ def _random_batch(cfg, batch: int, res: int, n_txt: int, device) -> tuple[Batch,
     return Batch(x0, cond), null
 
 
-def time_method(cfg, method: str, batch: int, res: int, n_txt: int, steps: int, device, dtype) -> float:
-    """Median seconds per optimiser step of ``method`` after 3 warm-up steps."""
+def bench_trainee(cfg, method: str, image_tokens: int, device, dtype: str) -> Trainee:
+    """A fresh model, EMA, objective and optimizer for step timing: ``method`` with tau = 1 from the
+    start (the full Self-E cost), seed 0, bf16 autocast when ``dtype`` is "bf16"."""
     cfg.objective.method = method
-    cfg.objective.anneal_steps = 0  # tau = 1 from the start: the full Self-E cost
+    cfg.objective.anneal_steps = 0
     torch.manual_seed(0)
     model = build_model(cfg.model, device)
     ema = make_ema(model)
-    data, null = _random_batch(cfg, batch, res, n_txt, device)
-    objective = SelfEObjective(cfg.objective, cfg.model.num_tokens(*data.x0.shape[-2:]))
-    tr = Trainee(model, ema, objective, build_optimizer(model, cfg.optim), 1.0,
-                 torch.bfloat16 if dtype == "bf16" else None)
+    return Trainee(model, ema, SelfEObjective(cfg.objective, image_tokens), build_optimizer(model, cfg.optim), 1.0,
+                   torch.bfloat16 if dtype == "bf16" else None)
+
+
+def timed_steps(tr: Trainee, data: Batch, null: TextCond, n: int, device) -> list[float]:
+    """Seconds of each of ``n`` optimiser steps (synchronised on CUDA)."""
     times = []
-    for i in range(steps + 3):
+    for _ in range(n):
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         train_step(tr, data, null, 10_000, 1e-4, 0.999)
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_method(cfg, method: str, batch: int, res: int, n_txt: int, steps: int, device, dtype) -> float:
+    """Median seconds per optimiser step of ``method`` after 3 warm-up steps."""
+    data, null = random_batch(cfg, batch, res, n_txt, device)
+    tr = bench_trainee(cfg, method, cfg.model.num_tokens(res, res), device, dtype)
+    timed_steps(tr, data, null, 3, device)
+    times = sorted(timed_steps(tr, data, null, steps, device))
+    return times[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> dict:

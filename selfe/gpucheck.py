@@ -19,14 +19,12 @@ from typing import Any, Callable
 
 import torch
 
-from selfe.bench import _random_batch
+from selfe.bench import bench_trainee, random_batch, timed_steps
 from selfe.config import Config, load_config
-from selfe.core.ema import make_ema
-from selfe.core.model import MODEL_PRESETS, MMDiT, build_model
-from selfe.core.objective import SelfEObjective
+from selfe.core.model import MODEL_PRESETS, build_model
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.parallel import apply_activation_checkpointing, compile_blocks
-from selfe.train.step import Trainee, build_optimizer, train_step
+from selfe.train.step import Trainee, train_step
 
 
 @dataclass
@@ -131,30 +129,6 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def compile_model(model: MMDiT, backend: str) -> None:
-    """Compile each block in place: ``selfe.train.parallel.compile_blocks`` for inductor (what
-    training runs), the same per-block ``nn.Module.compile`` with another backend otherwise."""
-    if backend == "inductor":
-        compile_blocks(model)
-        return
-    for block in [*model.double_blocks, *model.single_blocks]:
-        block.compile(backend=backend)
-
-
-def _timed_steps(tr: Trainee, data, null, n: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``n`` optimiser steps (synchronised on CUDA)."""
-    times = []
-    for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        train_step(tr, data, null, 10_000, 1e-4, 0.999)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def saved_for_backward_bytes(tr: Trainee, data, null) -> int:
     """Bytes autograd keeps for backward over one optimiser step: distinct storages packed by
     ``saved_tensors_hooks``, parameters excluded (their bf16 copies under autocast count). The
@@ -185,24 +159,18 @@ def measure(cfg: Config, profile: Profile, device: torch.device, method: str,
     (``torch.cuda.max_memory_allocated`` over the whole configuration, CUDA only) and
     saved_mib (``saved_for_backward_bytes``, eager only: saved-tensor hooks do not see into compiled graphs)."""
     cfg = copy.deepcopy(cfg)
-    cfg.objective.method = method
-    cfg.objective.anneal_steps = 0  # tau = 1 from the start: the full Self-E cost, as selfe.bench
     free_memory(device)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, device)
-    ema = make_ema(model)  # before checkpointing: the EMA never runs backward
+    tokens = cfg.model.num_tokens(profile.latent_side, profile.latent_side)
+    tr = bench_trainee(cfg, method, tokens, device, profile.dtype)  # its EMA is made before checkpointing
     if checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(tr.model)
     if compiled:
         torch._dynamo.reset()  # a fresh cache, so warmup_s holds the whole compilation
-        compile_model(model, profile.compile_backend)
-        compile_model(ema, profile.compile_backend)
-    data, null = _random_batch(cfg, profile.batch, profile.latent_side, profile.text_tokens, device)
-    tokens = cfg.model.num_tokens(profile.latent_side, profile.latent_side)
-    tr = Trainee(model, ema, SelfEObjective(cfg.objective, tokens), build_optimizer(model, cfg.optim), 1.0,
-                 torch.bfloat16 if profile.dtype == "bf16" else None)
-    warm = _timed_steps(tr, data, null, profile.warmup_steps, device)
-    times = sorted(_timed_steps(tr, data, null, profile.timed_steps, device))
+        compile_blocks(tr.model, profile.compile_backend)
+        compile_blocks(tr.ema, profile.compile_backend)
+    data, null = random_batch(cfg, profile.batch, profile.latent_side, profile.text_tokens, device)
+    warm = timed_steps(tr, data, null, profile.warmup_steps, device)
+    times = sorted(timed_steps(tr, data, null, profile.timed_steps, device))
     step_s = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     saved = None if compiled else saved_for_backward_bytes(tr, data, null) / 2**20

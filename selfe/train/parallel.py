@@ -48,11 +48,12 @@ def apply_activation_checkpointing(model: MMDiT) -> None:
         block.forward = functools.wraps(inner)(forward)
 
 
-def compile_blocks(model: MMDiT) -> None:
+def compile_blocks(model: MMDiT, backend: str = "inductor") -> None:
     """``torch.compile`` each double/single block in place (``nn.Module.compile``): parameter names are
-    unchanged, and under FSDP2 each compiled block is still one FSDP unit (torchtitan's per-block compile)."""
+    unchanged, and under FSDP2 each compiled block is still one FSDP unit (torchtitan's per-block compile).
+    ``backend``: inductor in training; benchmarks may pick a cheaper one (aot_eager on CPU)."""
     for block in _blocks(model):
-        block.compile()
+        block.compile(backend=backend)
 
 
 def device_mesh(device: torch.device, replicas: int) -> DeviceMesh | None:

@@ -94,9 +94,9 @@ def mlflow_ui_hint(uri: str) -> str:
 
 def print_job_locations(cfg: Config) -> None:
     """Join the cluster (`selfe.train.job` reuses the connection) and print `job_locations`."""
-    import ray
+    from selfe.storage import ensure_ray
 
-    context = ray.init() if not ray.is_initialized() else None
+    context = ensure_ray()
     dashboard = (context.dashboard_url if context else "") or ""
     for line in job_locations(cfg, dashboard, os.environ.get(RAY_JOB_ENV, "")):
         print(line, flush=True)

@@ -67,14 +67,14 @@ def train_storage(storage_path: str, endpoint: str = "", resolve_uri: bool = Fal
     return storage_path, None
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None):
     """Connect to the cluster when one is there (``RAY_ADDRESS``, set inside ``ray job submit``), else
-    start a local Ray with ``num_cpus`` CPUs (default: all). A no-op when Ray is already up."""
+    start a local Ray with ``num_cpus`` CPUs (default: all). Returns ``ray.init``'s context (its
+    ``dashboard_url``), or None when Ray was already up."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        return ray.init()
+    return ray.init(num_cpus=num_cpus, include_dashboard=False)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from selfe.configtools import ConfigError
+from selfe.data.sources import byte_table, parquet_byte_rows, read_shards
 
 DOWNLOAD_FAILED = "download_failed"
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg")
@@ -43,7 +44,6 @@ def img2dataset_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
     """Rows ``{id, image: bytes, caption, spec, error}`` of an img2dataset output folder (see module doc)."""
     import ray.data
 
-    from selfe.data.sources import read_shards
 
     tars = [f for f in files if _SHARD.match(posixpath.basename(f)) and f.endswith(".tar")]
     tables = [f for f in files if _SHARD.match(posixpath.basename(f)) and f.endswith(".parquet")]
@@ -83,15 +83,9 @@ def _schema_names(fs: pafs.FileSystem, path: str) -> list[str]:
 def _parquet_shards(fs: pafs.FileSystem, tables: list[str], columns: list[str], root: str, num_cpus: float) -> Any:
     """Ray Dataset of byte rows from img2dataset tables; ``columns`` = [image, caption], or [] for
     webdataset sidecars, of which only the failed rows are kept (the tars hold the others)."""
-    import ray.data
-
-    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, partitioning=None, num_cpus=num_cpus)
-    ds = ds.select_columns(["key", "status", "path", *columns])
     image, caption = columns or ("", "")
-    return ds.map_batches(
-        parquet_rows, batch_format="pyarrow", num_cpus=num_cpus,
-        fn_kwargs={"image_column": image, "caption_column": caption, "root": root, "failed_only": not columns},
-    )
+    kwargs = {"image_column": image, "caption_column": caption, "root": root, "failed_only": not columns}
+    return parquet_byte_rows(fs, tables, ["key", "status", *columns], parquet_rows, kwargs, num_cpus)
 
 
 def parquet_rows(
@@ -110,11 +104,6 @@ def parquet_rows(
     errors = [
         DOWNLOAD_FAILED if s != "success" else ("" if img else "missing_image") for s, img in zip(status, images)
     ]
-    rows = pa.table({
-        "id": pa.array([f"{posixpath.relpath(p, root)}:{k}" for p, k in zip(paths, keys)], pa.string()),
-        "image": pa.array(images, type=pa.binary()),
-        "caption": pa.array([c if isinstance(c, str) else "" for c in captions], pa.string()),
-        "spec": pa.array([""] * n, pa.string()),
-        "error": pa.array(errors, pa.string()),
-    })
+    rows = byte_table([f"{posixpath.relpath(p, root)}:{k}" for p, k in zip(paths, keys)], images,
+                      [c if isinstance(c, str) else "" for c in captions], errors)
     return rows.filter(pa.array([e == DOWNLOAD_FAILED for e in errors], pa.bool_())) if failed_only else rows

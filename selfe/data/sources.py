@@ -206,12 +206,9 @@ def byte_source_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
         if not tables:
             raise FileNotFoundError(f"no .parquet files under data.source {cfg.data.source!r}")
         _check_parquet_columns(fs, tables[0], cfg.data.image_column, cfg.data.caption_column)
-        ds = ray.data.read_parquet(
-            tables, filesystem=fs, include_paths=True, partitioning=None, num_cpus=cfg.data.decode_cpus
-        )
-        ds = ds.select_columns([cfg.data.image_column, cfg.data.caption_column, "path"])
         kwargs = {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column, "root": root}
-        return ds.map_batches(_parquet_rows, batch_format="pyarrow", num_cpus=cfg.data.decode_cpus, fn_kwargs=kwargs)
+        return parquet_byte_rows(fs, tables, [cfg.data.image_column, cfg.data.caption_column], _parquet_rows, kwargs,
+                                 cfg.data.decode_cpus)
     raise ValueError(f"unknown data.source_format {source_format!r}")
 
 
@@ -275,6 +272,28 @@ def _fetch_files(batch: dict[str, np.ndarray], fs: pafs.FileSystem) -> dict[str,
         captions.append(caption or "")
         errors.append(error or "")
     return _byte_rows(list(batch["id"]), images, captions, errors)
+
+
+def parquet_byte_rows(fs: pafs.FileSystem, tables: list[str], columns: list[str], to_rows: Any, fn_kwargs: dict,
+                      num_cpus: float) -> Any:
+    """Ray Dataset of Parquet ``tables``' ``columns`` (plus ``path``), turned into byte rows by
+    ``to_rows(table, **fn_kwargs)`` (``byte_table``'s columns)."""
+    import ray.data
+
+    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, partitioning=None, num_cpus=num_cpus)
+    return ds.select_columns([*columns, "path"]).map_batches(to_rows, batch_format="pyarrow", num_cpus=num_cpus,
+                                                             fn_kwargs=fn_kwargs)
+
+
+def byte_table(ids: list[str], images: list[bytes], captions: list[str], errors: list[str]) -> pa.Table:
+    """The byte-row columns every source yields: {id, image, caption, spec, error}, as Arrow."""
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "image": pa.array(images, type=pa.binary()),
+        "caption": pa.array(captions, pa.string()),
+        "spec": pa.array([""] * len(ids), pa.string()),
+        "error": pa.array(errors, pa.string()),
+    })
 
 
 def _byte_rows(ids: list, images: list[bytes], captions: list[str], errors: list[str]) -> dict[str, np.ndarray]:
@@ -359,10 +378,4 @@ def _parquet_rows(table: pa.Table, image_column: str, caption_column: str, root:
     captions = [c if isinstance(c, str) else "" for c in table.column(caption_column).to_pylist()]
     paths = table.column("path").to_pylist()
     ids = [f"{_rel(p, root)}:{zlib.crc32(img) ^ zlib.crc32(c.encode()):08x}" for p, img, c in zip(paths, images, captions)]
-    return pa.table({
-        "id": ids,
-        "image": pa.array(images, type=pa.binary()),
-        "caption": captions,
-        "spec": [""] * len(ids),
-        "error": ["" if img else "missing_image" for img in images],
-    })
+    return byte_table(ids, images, captions, ["" if img else "missing_image" for img in images])

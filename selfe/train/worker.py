@@ -65,6 +65,8 @@ class WorkerLoop:
         self.null = inputs.null.to(self.device)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.resumed_from = -1  # the step of the checkpoint this run resumed from (reported, for tests)
+        group = ray.util.get_current_placement_group()  # fixed for the worker's life
+        self.placement_group = group.id.hex() if group else ""
         self.per_worker = cfg.train.batch_size // self.world
         self.peak = device_peak_flops(self.device, "bf16" if mp_dtype else "fp32", cfg.train.peak_tflops)
         # Share of each parameter this rank stores (about 1 / world under FSDP).
@@ -176,8 +178,7 @@ class WorkerLoop:
     def run_facts(self) -> dict[str, Any]:
         """What every report carries besides the metrics: the step this run resumed from (-1: fresh)
         and its workers' placement group (``PLACEMENT_GROUP_KEY``)."""
-        group = ray.util.get_current_placement_group()
-        return {"resumed_from": self.resumed_from, PLACEMENT_GROUP_KEY: group.id.hex() if group else ""}
+        return {"resumed_from": self.resumed_from, PLACEMENT_GROUP_KEY: self.placement_group}
 
     def _log_grid(self, step: int) -> None:
         from selfe.tracking import log_grids

@@ -14,11 +14,12 @@ cost not known in advance, runs late so that it cannot crowd out the rest):
    image tokens + 64 text tokens, batch 32);
 2. method_ratio: Self-E / flow-matching step time;
 3. checkpointing: activation checkpointing off vs on, step time and memory;
-4. sampling: latency at 1/2/4/8/50 steps;
-5. train_shapes: 300 Self-E steps on the 64x64 shapes world with the plain loop, GenEval-lite at
+4. fsdp: Self-E under FSDP2 on a one-rank process group (bf16 via MixedPrecisionPolicy) vs unsharded;
+5. sampling: latency at 1/2/4/8/50 steps;
+6. train_shapes: 300 Self-E steps on the 64x64 shapes world with the plain loop, GenEval-lite at
    1/2/4/8 steps;
-6. compile: eager vs compiled blocks, compile time and steady step time;
-7. memory: peak memory (``torch.cuda.max_memory_allocated``) of every configuration above.
+7. compile: eager vs compiled blocks, compile time and steady step time;
+8. memory: peak memory (``torch.cuda.max_memory_allocated``) of every configuration above.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
 """
@@ -36,9 +37,9 @@ from typing import Any
 import torch
 
 from selfe.gpucheck import (CPU, GPU, Checker, StepBench, checkpointing_cost, compile_speed, device_info,
-                            memory_table, method_ratio, sampling_latency, throughput)
+                            fsdp_cost, memory_table, method_ratio, sampling_latency, throughput)
 
-SECTIONS = ("throughput", "method_ratio", "checkpointing", "sampling", "train_shapes", "compile", "memory")
+SECTIONS = ("throughput", "method_ratio", "checkpointing", "fsdp", "sampling", "train_shapes", "compile", "memory")
 
 
 def run_check(profile, device: torch.device, budget_s: float, bench_overrides: list[str],
@@ -50,6 +51,7 @@ def run_check(profile, device: torch.device, budget_s: float, bench_overrides: l
     bench = StepBench(profile, device, bench_overrides)
     steps = {"throughput": lambda: throughput(bench), "method_ratio": lambda: method_ratio(bench),
              "compile": lambda: compile_speed(bench), "checkpointing": lambda: checkpointing_cost(bench),
+             "fsdp": lambda: fsdp_cost(bench),
              "memory": lambda: memory_table(bench), "sampling": lambda: sampling_latency(bench),
              # Training stops at 60% of the budget at the latest: GenEval-lite and compile come after it.
              "train_shapes": lambda: train_and_score(

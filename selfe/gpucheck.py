@@ -9,22 +9,25 @@ step-time sections: step cost does not depend on their content. train_shapes (re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import platform
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from selfe.bench import bench_trainee, random_batch, timed_steps
 from selfe.config import Config, load_config
 from selfe.core.model import MODEL_PRESETS, build_model
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
-from selfe.train.parallel import apply_activation_checkpointing, compile_blocks
-from selfe.train.step import Trainee, train_step
+from selfe.train.parallel import apply_activation_checkpointing, compile_blocks, shard
+from selfe.train.step import Trainee, build_optimizer, train_step
 
 
 @dataclass
@@ -149,21 +152,35 @@ def saved_for_backward_bytes(tr: Trainee, data, null) -> int:
     return sum(seen.values())
 
 
+def fsdp_trainee(tr: Trainee, cfg: Config, dtype: str) -> Trainee:
+    """``tr`` as a Ray Train worker holds it under FSDP2: model and EMA ``fully_shard``-ed per block over the
+    default process group, bf16 through ``MixedPrecisionPolicy`` (fp32 master weights and reductions) instead
+    of autocast, and an optimiser over the sharded parameters."""
+    mp_dtype = torch.bfloat16 if dtype == "bf16" else None
+    shard(tr.model, mp_dtype)
+    shard(tr.ema, mp_dtype)
+    return replace(tr, optimizer=build_optimizer(tr.model, cfg.optim), autocast=None)
+
+
 def measure(cfg: Config, profile: Profile, device: torch.device, method: str,
-            compiled: bool = False, checkpointing: bool = False) -> dict[str, Any]:
+            compiled: bool = False, checkpointing: bool = False, fsdp: bool = False) -> dict[str, Any]:
     """One training configuration on random data. Returns:
     step_s (median optimiser-step seconds after warm-up), images_per_s (batch / step_s),
     model_tflops_per_s (model FLOPs done per second, ``selfe.perf.train_flops_per_image``), mfu (that
     over the device's dense peak for the dtype; None where unknown, e.g. CPUs), warmup_s (wall time
     of the warm-up steps: compilation included when compiled), peak_mem_gib
     (``torch.cuda.max_memory_allocated`` over the whole configuration, CUDA only) and
-    saved_mib (``saved_for_backward_bytes``, eager only: saved-tensor hooks do not see into compiled graphs)."""
+    saved_mib (``saved_for_backward_bytes``, eager unsharded only: saved-tensor hooks do not see into compiled
+    graphs, and under FSDP the gathered parameters would count as activations). ``fsdp`` needs an
+    initialised process group (``one_rank_group``)."""
     cfg = copy.deepcopy(cfg)
     free_memory(device)
     tokens = cfg.model.num_tokens(profile.latent_side, profile.latent_side)
     tr = bench_trainee(cfg, method, tokens, device, profile.dtype)  # its EMA is made before checkpointing
     if checkpointing:
         apply_activation_checkpointing(tr.model)
+    if fsdp:
+        tr = fsdp_trainee(tr, cfg, profile.dtype)
     if compiled:
         torch._dynamo.reset()  # a fresh cache, so warmup_s holds the whole compilation
         compile_blocks(tr.model, profile.compile_backend)
@@ -173,11 +190,11 @@ def measure(cfg: Config, profile: Profile, device: torch.device, method: str,
     times = sorted(timed_steps(tr, data, null, profile.timed_steps, device))
     step_s = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    saved = None if compiled else saved_for_backward_bytes(tr, data, null) / 2**20
+    saved = None if compiled or fsdp else saved_for_backward_bytes(tr, data, null) / 2**20
     flops = train_flops_per_image(cfg.model, tokens, profile.text_tokens, method, cfg.objective.p_s_equals_t)
     achieved = flops * profile.batch / step_s
     util = mfu(achieved, device_peak_flops(device, profile.dtype))
-    return {"method": method, "compiled": compiled, "checkpointing": checkpointing,
+    return {"method": method, "compiled": compiled, "checkpointing": checkpointing, "fsdp": fsdp,
             "step_s": round(step_s, 5), "images_per_s": round(profile.batch / step_s, 2),
             "model_tflops_per_s": round(achieved / 1e12, 4), "mfu": None if util is None else round(util, 4),
             "warmup_s": round(sum(warm), 3), "peak_mem_gib": None if peak is None else round(peak, 3),
@@ -194,10 +211,11 @@ class StepBench:
         self.cfg = load_config(preset=profile.preset, overrides=self.overrides)
         self.runs: dict[str, dict[str, Any]] = {}
 
-    def run(self, method: str, compiled: bool = False, checkpointing: bool = False) -> dict[str, Any]:
-        key = f"{method}{' compiled' if compiled else ''}{' +ckpt' if checkpointing else ''}"
+    def run(self, method: str, compiled: bool = False, checkpointing: bool = False,
+            fsdp: bool = False) -> dict[str, Any]:
+        key = f"{method}{' compiled' if compiled else ''}{' +ckpt' if checkpointing else ''}{' fsdp' if fsdp else ''}"
         if key not in self.runs:
-            self.runs[key] = measure(self.cfg, self.profile, self.device, method, compiled, checkpointing)
+            self.runs[key] = measure(self.cfg, self.profile, self.device, method, compiled, checkpointing, fsdp)
         return self.runs[key]
 
     def model_line(self) -> dict[str, Any]:
@@ -226,6 +244,34 @@ def method_ratio(bench: StepBench) -> dict[str, Any]:
     se, fm = bench.run("self_e"), bench.run("flow_matching")
     return {"self_e_step_s": se["step_s"], "flow_matching_step_s": fm["step_s"],
             "self_e_over_fm": round(se["step_s"] / fm["step_s"], 3)}
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device) -> Iterator[None]:
+    """A process group of world size 1 (NCCL on CUDA, gloo on CPU) over a TCP store on 127.0.0.1, unless one
+    is already initialised; destroyed on exit when made here."""
+    if dist.is_initialized():
+        yield
+        return
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_cost(bench: StepBench) -> dict[str, Any]:
+    """Section fsdp: Self-E under FSDP2 on one rank (the wrapping a Ray Train worker uses; bf16 from
+    ``MixedPrecisionPolicy`` with fp32 master weights) vs unsharded with autocast: what the per-block
+    all-gather and reduce-scatter machinery costs when there is nothing to gather."""
+    plain = bench.run("self_e")
+    with one_rank_group(bench.device):
+        sharded = bench.run("self_e", fsdp=True)
+    return {"plain_step_s": plain["step_s"], "fsdp_step_s": sharded["step_s"],
+            "fsdp_over_plain": round(sharded["step_s"] / plain["step_s"], 3), "fsdp_mfu": sharded["mfu"],
+            "rows": [plain, sharded]}
 
 
 def compile_speed(bench: StepBench) -> dict[str, Any]:

@@ -60,7 +60,10 @@ def test_cpu_profile_reports_every_section(tmp_path):
     # Checkpointing keeps only the blocks' inputs for backward.
     assert 0 < ckpt["saved_mib_on"] < ckpt["saved_mib_off"]
     memory = sections["memory"]["result"]["rows"]
-    assert {r["config"] for r in memory} == {"self_e", "flow_matching", "self_e compiled", "self_e +ckpt"}
+    assert {r["config"] for r in memory} == {"self_e", "flow_matching", "self_e compiled", "self_e +ckpt", "self_e fsdp"}
+    fsdp = sections["fsdp"]["result"]
+    assert fsdp["rows"][1]["fsdp"] and not fsdp["rows"][0]["fsdp"] and fsdp["fsdp_step_s"] > 0
+    assert not torch.distributed.is_initialized()  # the section's one-rank group is gone again
 
     sampling = sections["sampling"]["result"]["rows"]
     assert [r["steps"] for r in sampling] == [1, 2, 4, 8, 50]

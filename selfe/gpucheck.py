@@ -254,8 +254,10 @@ def one_rank_group(device: torch.device) -> Iterator[None]:
         yield
         return
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+    device_id = None
+    if device.type == "cuda":  # NCCL wants the device with its index ("cuda" alone is refused)
+        device_id = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    dist.init_process_group("nccl" if device_id else "gloo", store=store, rank=0, world_size=1, device_id=device_id)
     try:
         yield
     finally:

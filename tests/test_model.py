@@ -158,3 +158,21 @@ def test_clean_prediction_returns_a_velocity_whose_jump_is_the_network_output():
         ModelConfig(prediction="eps").validate()
 
 
+
+
+def test_qk_norm_stays_in_the_compute_dtype_under_autocast():
+    # An fp32 scale on bf16 input made rms_norm fall back to unfused ops returning fp32 (then cast back
+    # for attention): the norm must return the input's dtype and agree with the fp32 norm.
+    from selfe.core.model import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(2, 4, 7, 16)
+    reference = norm(x)
+    assert reference.dtype == torch.float32
+    torch.testing.assert_close(reference, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)

@@ -43,6 +43,10 @@ def test_two_workers_shard_every_parameter(tmp_path):
     assert result.metrics["step"] == 3
     # rank 0 stores about half of every parameter (dim-0 shards, rounded up)
     assert 0.45 <= result.metrics["param_fraction"] <= 0.6
+    # The start-up timeline (benchmarks/train_overhead.py's breakdown) arrives in order with the last report.
+    marks = [result.metrics[f"t_{k}"] for k in ("worker_start", "model_ready", "first_step", "checkpoint_start",
+                                                 "checkpoint_saved")]
+    assert marks == sorted(marks) and marks[-1] - marks[0] < 600
     with result.checkpoint.as_directory() as ckpt:
         assert is_complete(ckpt)
         files = sorted(p.name for p in __import__("pathlib").Path(ckpt).iterdir())

@@ -78,6 +78,9 @@ class WorkerLoop:
         self.scored = False
         self.realdata = None  # clip_fid: CLIP, feature net and reference statistics, loaded on rank 0 once
         self.window = {"images": 0, "data_s": 0.0, "compute_s": 0.0, "start": time.perf_counter()}
+        # Wall-clock (time.time) marks of the start-up and of the last step and checkpoint, carried in
+        # every report (``run_facts``): where a run's fixed cost goes (benchmarks/train_overhead.py).
+        self.timeline: dict[str, float] = {}
         self.tracker = self._tracker()
 
     def _tracker(self):
@@ -140,6 +143,7 @@ class WorkerLoop:
         self.window["data_s"] += t_compute - t_wait
         self.window["compute_s"] += time.perf_counter() - t_compute
         self.step += 1
+        self.timeline.setdefault("first_step", time.time())
         return stats
 
     def report(self, stats: dict[str, float]) -> None:
@@ -169,16 +173,19 @@ class WorkerLoop:
         if do_ckpt:
             progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             with tempfile.TemporaryDirectory() as tmp:
+                self.timeline["checkpoint_start"] = time.time()
                 save_checkpoint(tmp, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)
+                self.timeline["checkpoint_saved"] = time.time()
                 ray.train.report({**metrics, **self.run_facts}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report({**metrics, **self.run_facts})
 
     @property
     def run_facts(self) -> dict[str, Any]:
-        """What every report carries besides the metrics: the step this run resumed from (-1: fresh)
-        and its workers' placement group (``PLACEMENT_GROUP_KEY``)."""
-        return {"resumed_from": self.resumed_from, PLACEMENT_GROUP_KEY: self.placement_group}
+        """What every report carries besides the metrics: the step this run resumed from (-1: fresh),
+        its workers' placement group (``PLACEMENT_GROUP_KEY``) and the timeline marks so far (``t_*``)."""
+        return {"resumed_from": self.resumed_from, PLACEMENT_GROUP_KEY: self.placement_group,
+                **{f"t_{k}": v for k, v in self.timeline.items()}}
 
     def _log_grid(self, step: int) -> None:
         from selfe.tracking import log_grids
@@ -259,6 +266,8 @@ class WorkerLoop:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point given to ``TorchTrainer``: ``loop_config = {"inputs": WorkerInputs}`` (see
     ``selfe.train.handoff``)."""
+    started = time.time()
     loop = WorkerLoop(loop_config["inputs"])
     loop.restore()
+    loop.timeline.update(worker_start=started, model_ready=time.time())
     loop.run()

@@ -102,6 +102,29 @@ def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) 
     assert null.tokens.shape == (1, tokens, 384) and null.tokens.dtype == torch.float32
     assert null.mask.dtype == torch.bool and null.pooled.shape == (1, 384)
 
+    # Throughput with the start-up apart: every row passed through the one encoder actor after it loaded.
+    tp = manifest["encode_throughput"]
+    assert tp["actors"] == cfg.data.encode_actors == 1 and 0 < tp["startup_s"] < manifest["elapsed_s"]
+    assert 0 <= tp["finish_s"] < manifest["elapsed_s"] - tp["startup_s"]
+    assert tp["steady_rows_per_s"] > 0 and len(tp["rows_per_s_per_actor"]) == 1
+    assert tp["rows_per_s_per_actor"][0] >= tp["steady_rows_per_s"]  # encoding seconds <= the steady span
+
+
+def test_encode_throughput_separates_start_up_and_counts_each_actor() -> None:
+    from selfe.data.transforms import Ledger, encode_throughput
+
+    ledger = Ledger()
+    # Two actors ready at t=10 and t=12 (job started at t=4); a batch retried under the same key counts once.
+    batches = [("a", 10, 10, 12, 64), ("a", 10, 12, 13, 64), ("b", 12, 12, 16, 32), ("b", 12, 12, 16, 32)]
+    for i, (actor, ready, start, end, rows) in enumerate(batches):
+        ledger.report(f"encode:{min(i, 2)}", {"written": rows}, {},
+                      {"actor": actor, "ready": ready, "start": start, "end": end, "rows": rows})
+    tp = encode_throughput(ledger.encode_timing(), job_start=4.0, job_end=19.0)
+    # 160 rows from the first ready actor (t=10) to the last batch (t=16); a: 128 rows in 3 busy s, b: 32 in 4.
+    assert tp == {"actors": 2, "startup_s": 6.0, "steady_rows_per_s": round(160 / 6, 1), "finish_s": 3.0,
+                  "rows_per_s_per_actor": [round(128 / 3, 1), 8.0]}
+    assert encode_throughput({}, 0.0, 1.0) == {}
+
 
 @pytest.mark.slow
 def test_rerun_is_a_cache_hit(shapes_cache: tuple[Config, str, dict], capsys: pytest.CaptureFixture) -> None:

@@ -46,7 +46,7 @@ from selfe.data.sources import (
     list_files,
     shapes_dataset,
 )
-from selfe.data.transforms import EncodeBatch, Ledger, build_encoders, decode_batch, encoder_info
+from selfe.data.transforms import EncodeBatch, Ledger, build_encoders, decode_batch, encode_throughput, encoder_info
 from selfe.storage import ensure_ray, filesystem_for
 
 MANIFEST = "manifest.json"
@@ -225,7 +225,7 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
             num_cpus=data.encode_cpus,
             num_gpus=gpus,
         )
-        start = time.perf_counter()
+        start, job_start = time.perf_counter(), time.time()
         ds.write_parquet(
             posixpath.join(build_root, DATA_DIR),
             filesystem=fs,
@@ -235,6 +235,7 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
         elapsed = time.perf_counter() - start
         counts, examples = ray.get(ledger.totals.remote())
         info = ray.get(ledger.encoder_info.remote())
+        throughput = encode_throughput(ray.get(ledger.encode_timing.remote()), job_start, job_start + elapsed)
         if info is None:  # no row reached an encoder actor: load the encoders once for the metadata
             probe = ray.remote(_probe_encoders).options(num_cpus=data.encode_cpus, num_gpus=gpus)
             info = ray.get(probe.remote(cfg))
@@ -242,13 +243,18 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
         ray.kill(ledger)
 
     previous = _read_manifest_or_none(fs, root)
-    manifest = _finish(cfg, fs, root, build_root, key, source_format, counts, examples, info, elapsed, previous)
+    manifest = _finish(cfg, fs, root, build_root, key, source_format, counts, examples, info, elapsed, previous,
+                       throughput)
     _collect_garbage(fs, root, manifest)
     skipped = ", ".join(f"{r}={n}" for r, n in manifest["skipped"].items()) or "none"
     print(
         f"preprocess: wrote {manifest['rows']} rows to {out} in {elapsed:.1f} s ({manifest['rows_per_s']:.0f} rows/s); "
         f"skipped {sum(manifest['skipped'].values())} ({skipped}); truncated captions: {manifest['truncated_captions']}"
     )
+    if throughput:
+        print(f"preprocess: encoder start-up {throughput['startup_s']:.1f} s, then {throughput['steady_rows_per_s']:.0f} "
+              f"rows/s, then {throughput['finish_s']:.1f} s to finish; per encoder actor: "
+              f"{', '.join(f'{r:.0f}' for r in throughput['rows_per_s_per_actor'])} rows/s")
     return out, manifest
 
 
@@ -284,6 +290,7 @@ def _read_manifest_or_none(fs: pafs.FileSystem, root: str) -> dict | None:
 def _finish(
     cfg: Config, fs: pafs.FileSystem, root: str, build_root: str, key: str, source_format: str,
     counts: dict[str, int], examples: dict[str, list[str]], info: dict, elapsed: float, previous: dict | None,
+    throughput: dict | None = None,
 ) -> dict:
     """Count the build's rows, check the accounting, write null_text then the manifest (last)."""
     from safetensors.torch import save
@@ -333,6 +340,7 @@ def _finish(
         "truncated_examples": examples.get("truncated_caption", []),
         "elapsed_s": round(elapsed, 2),
         "rows_per_s": round(rows / max(elapsed, 1e-9), 1),
+        "encode_throughput": throughput or {},
     }
     _write_bytes(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest

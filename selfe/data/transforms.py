@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -55,10 +57,25 @@ class Ledger:
 
     def __init__(self) -> None:
         self._reports: dict[str, tuple[dict[str, int], dict[str, list[str]]]] = {}
+        self._timings: dict[str, dict[str, Any]] = {}
         self._encoder_info: dict[str, Any] | None = None
 
-    def report(self, key: str, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
+    def report(self, key: str, counts: dict[str, int], examples: dict[str, list[str]],
+               timing: dict[str, Any] | None = None) -> None:
         self._reports[key] = (counts, examples)
+        if timing is not None:
+            self._timings[key] = timing
+
+    def encode_timing(self) -> dict[str, dict[str, float]]:
+        """Per encoder actor: rows encoded, seconds spent encoding (busy_s), when its models were loaded
+        (ready) and when its last batch ended (last); wall-clock ``time.time`` stamps."""
+        actors: dict[str, dict[str, float]] = {}
+        for t in self._timings.values():
+            a = actors.setdefault(t["actor"], {"rows": 0, "busy_s": 0.0, "ready": t["ready"], "last": t["end"]})
+            a["rows"] += t["rows"]
+            a["busy_s"] += t["end"] - t["start"]
+            a["last"] = max(a["last"], t["end"])
+        return actors
 
     def set_encoder_info(self, info: dict[str, Any]) -> None:
         if self._encoder_info is None:
@@ -79,16 +96,32 @@ class Ledger:
         return dict(counts), examples
 
 
-def _report(ledger: Any, stage: str, ids: Sequence[str], counts: dict[str, int], examples: dict) -> None:
+def _report(ledger: Any, stage: str, ids: Sequence[str], counts: dict[str, int], examples: dict,
+            timing: dict[str, Any] | None = None) -> None:
     if ledger is None or not len(ids):
         return
     key = f"{stage}:{batch_fingerprint(ids)}"
     if hasattr(ledger, "report") and hasattr(ledger.report, "remote"):
         import ray
 
-        ray.get(ledger.report.remote(key, counts, examples))  # wait: the driver reads totals after the job
+        ray.get(ledger.report.remote(key, counts, examples, timing))  # wait: the driver reads totals after the job
     else:
-        ledger.report(key, counts, examples)
+        ledger.report(key, counts, examples, timing)
+
+
+def encode_throughput(timing: dict[str, dict[str, float]], job_start: float, job_end: float) -> dict[str, Any]:
+    """Throughput of a build from ``Ledger.encode_timing``, in three phases of the job (``time.time``):
+    startup_s until the first encoder actor holds its models; then steady_rows_per_s up to the last
+    encoded batch; finish_s from there to the end (the last files written, the executor stopped).
+    rows_per_s_per_actor: rows over that actor's encoding seconds (the scaling figure: what each added
+    actor brings). Empty when no row was encoded."""
+    if not timing:
+        return {}
+    ready, last = min(a["ready"] for a in timing.values()), max(a["last"] for a in timing.values())
+    rows = sum(a["rows"] for a in timing.values())
+    return {"actors": len(timing), "startup_s": round(ready - job_start, 2),
+            "steady_rows_per_s": round(rows / max(last - ready, 1e-9), 1), "finish_s": round(job_end - last, 2),
+            "rows_per_s_per_actor": [round(a["rows"] / max(a["busy_s"], 1e-9), 1) for a in timing.values()]}
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -295,12 +328,14 @@ class EncodeBatch:
         self.codec, text = build_encoders(cfg, "cuda" if use_cuda else "cpu")
         self.text = CaptionEmbeddings(text)
         self.ledger = ledger
+        self.actor, self.ready = uuid.uuid4().hex[:8], time.time()  # for the build's throughput figures
         if ledger is not None:
             import ray
 
             ray.get(ledger.set_encoder_info.remote(encoder_info(self.codec, text, self.resolution)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.time()
         ids = [str(i) for i in batch["id"]]
         captions = [str(c) for c in batch["caption"]]
         images = np.asarray(batch["image"], dtype=np.uint8).reshape(-1, self.resolution, self.resolution, 3)
@@ -310,7 +345,9 @@ class EncodeBatch:
             fake = self.text([self.fake_prefix + c for c in captions])
             out.update({f: fake[t] for t, f in zip(TEXT_COLUMNS, FAKE_COLUMNS)})
         examples = {"truncated_caption": [ids[i] for i in np.flatnonzero(truncated)[:_EXAMPLES_PER_REASON]]}
-        _report(self.ledger, "encode", ids, {"written": len(ids), "truncated_caption": int(truncated.sum())}, examples)
+        timing = {"actor": self.actor, "ready": self.ready, "start": start, "end": time.time(), "rows": len(ids)}
+        _report(self.ledger, "encode", ids, {"written": len(ids), "truncated_caption": int(truncated.sum())}, examples,
+                timing)
         out["caption"] = np.array(captions, dtype=object)
         out["spec"] = np.array([str(s) for s in batch["spec"]], dtype=object)
         return out

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, type=model_ref)
     ap.add_argument("--steps", type=int_in(1, MAX_STEPS), nargs="+", default=[1, 2, 4, 8, 50])
     ap.add_argument("--guidance", type=finite_float, default=None)
-    ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint"], default=None,
+    ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint", "hybrid"], default=None,
                     help="landing time policy; default: the model's config (auto: follows the training method)")
     ap.add_argument("--eta", type=finite_float, default=None)
     ap.add_argument("--prompt-set", default="v1")

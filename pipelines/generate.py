@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int_in(1, MAX_STEPS), default=2)
     ap.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the model's sampler config)")
     ap.add_argument("--eta", type=finite_float, default=None)
-    ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint"], default=None,
+    ap.add_argument("--landing", choices=["auto", "next", "current", "midpoint", "hybrid"], default=None,
                     help="landing time policy; default: the model's config (auto: follows the training method)")
     ap.add_argument("--seed", type=int_in(0), default=0)
     ap.add_argument("--num", type=int_in(1, 1024), default=1, help="images per prompt")

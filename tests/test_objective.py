@@ -199,3 +199,27 @@ def test_self_evaluation_direction_is_classifier_gradient():
     assert cos.mean() > 0.99, cos.mean()
     # and the magnitudes agree with Tweedie: grad = (1 - s) / s^2 * (-Delta)
     assert torch.allclose(grad, minus_delta * ((1 - s) / s**2)[:, None], rtol=1e-6, atol=1e-12)
+
+
+def test_small_gap_share_trains_the_gaps_of_many_step_sampling():
+    """At 50 steps the sampler lands 0.01-0.03 below t. U((1 - tau) t, t) puts few s there; a share of small
+    gaps fills it, keeps s >= (1 - tau) t, and leaves runs without it on their old random streams."""
+    def draw(**kw):
+        return sample_times(100_000, 0.5, 10**6, ObjectiveConfig(**kw), "cpu", torch.Generator().manual_seed(0))
+
+    t0, s0 = draw()
+    t_off, s_off = draw(small_gap_share=0.0)
+    assert torch.equal(t0, t_off) and torch.equal(s0, s_off)
+
+    def share_below(t, s, gap=0.03):
+        below = s < t
+        return ((t - s)[below] <= gap).float().mean().item()
+
+    t, s = draw(small_gap_share=0.5, small_gap_max=0.05)
+    base = share_below(t0, s0)
+    assert base < 0.1  # the paper's interval rarely draws a gap this small
+    # Half the s < t draws come from U(0, 0.05): 60% of those are <= 0.03 (fewer where s_lower clips them).
+    assert share_below(t, s) == pytest.approx(0.5 * 0.6 + 0.5 * base, abs=0.03)
+    assert torch.all(s <= t) and torch.all(s >= 0)
+    with pytest.raises(ValueError, match="small_gap_max"):
+        ObjectiveConfig(small_gap_max=0.0).validate()

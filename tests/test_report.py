@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfe.eval.report import END, START, claims, write_report
+from selfe.eval.report import END, START, claims, merged_evals, write_report
 
 LABELS = {"self_e": ("Self-E", []), "flow_matching": ("flow matching", []), "no_renorm": ("no renorm", []),
           "fake_from_start": ("fake from start", [])}
@@ -12,7 +12,8 @@ LABELS = {"self_e": ("Self-E", []), "flow_matching": ("flow matching", []), "no_
 
 def summary(overall: float, nfe: int = 2) -> dict:
     tasks = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
-    return {"overall": overall, "per_task": {t: overall for t in tasks}, "heldout": overall / 2, "nfe": nfe}
+    return {"overall": overall, "per_task": {t: overall for t in tasks}, "heldout": overall / 2, "nfe": nfe,
+            "num_images": 120}
 
 
 def study(self_e: list[float], fm: list[float], ckpt: dict[int, tuple[float, float]] | None = None) -> dict:
@@ -34,20 +35,46 @@ def study(self_e: list[float], fm: list[float], ckpt: dict[int, tuple[float, flo
 
 
 def test_claims_follow_the_numbers():
-    good = claims({tuple(k.split("|")): v for k, v in
-                   study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6], {200: (0.2, 0.1)})["evals"].items()})
-    text = "\n".join(good)
-    assert "ahead of flow matching at 1–2 steps: **yes**" in text
-    assert "at least level at 8–50 steps: **yes**" in text
-    assert "monotonic in steps: **yes**" in text
-    assert "every checkpoint: **yes**" in text
-    assert "from the start hurts: **no**" in text  # the fixture's fake variant scores 0.01 higher
-    assert "renorm helps at ≥ 4 steps: **yes**" in text
+    good = "\n".join(claims(merged_evals(
+        study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6], {200: (0.2, 0.1)}))))
+    assert "Self-E ≥ 2× flow matching at 1–2 steps: **yes** (1 step: 0.400 vs 2 × 0.100" in good
+    assert "Self-E ≥ flow matching − 1 SE at 8 and 50 steps: **yes**" in good
+    assert "non-decreasing from 2 to 50 steps within 1 SE: **yes**" in good
+    assert "every checkpoint: **yes**" in good
+    assert "from step 0 hurts: **no**" in good  # the fixture's fake variant scores 0.01 higher
+    assert "renorm helps at ≥ 4 steps: **yes**" in good
 
-    bad = "\n".join(claims({tuple(k.split("|")): v for k, v in
-                            study([0.1, 0.3, 0.2, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3, 0.3], {200: (0.0, 0.1)})["evals"].items()}))
-    assert "1–2 steps: **no** (1 step: 0.100 vs 0.200" in bad
-    assert "8–50 steps: **no**" in bad and "monotonic in steps: **no**" in bad and "every checkpoint: **no**" in bad
+    bad = "\n".join(claims(merged_evals(
+        study([0.1, 0.3, 0.2, 0.2, 0.1], [0.2, 0.2, 0.3, 0.3, 0.3], {200: (0.0, 0.1)}))))
+    assert "1–2 steps: **no** (1 step: 0.100 vs 2 × 0.200" in bad
+    assert "8 and 50 steps: **no**" in bad and "within 1 SE: **no**" in bad and "every checkpoint: **no**" in bad
+
+
+def test_seeds_merge_into_mean_and_standard_error_and_set_the_tolerance():
+    """Three seeds per method: the headline cell is mean ± SE over seeds, and "within 1 SE" uses it."""
+    data = study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6])
+    evals = {}
+    for key, value in data["evals"].items():
+        run, tag, steps = key.split("|")
+        if run in ("self_e", "flow_matching"):
+            for seed, delta in enumerate((-0.03, 0.0, 0.03)):
+                evals[f"{run}@s{seed}|{tag}|{steps}"] = {**value, "overall": value["overall"] + delta}
+        else:
+            evals[f"{run}@s0|{tag}|{steps}"] = value
+    ev = merged_evals({**data, "evals": evals})
+    merged = ev[("self_e", "final", "50")]
+    assert merged["seeds"] == 3 and abs(merged["overall"] - 0.6) < 1e-9
+    assert abs(merged["se_seeds"] - 0.03 / 3**0.5) < 1e-9  # stdev 0.03 over 3 seeds
+    assert abs(merged["se_binomial"] - (0.6 * 0.4 / 360) ** 0.5) < 1e-9  # 120 images x 3 seeds
+    assert ev[("no_renorm", "final", "50")]["se_seeds"] is None
+    # A drop of 0.02 from 8 to 50 steps is within the seeds' error (SE of the difference ~0.024) ...
+    for seed in range(3):
+        evals[f"self_e@s{seed}|final|50"]["overall"] -= 0.02
+    assert "within 1 SE: **yes**" in "\n".join(claims(merged_evals({**data, "evals": evals})))
+    # ... a drop of 0.1 is not.
+    for seed in range(3):
+        evals[f"self_e@s{seed}|final|50"]["overall"] -= 0.08
+    assert "within 1 SE: **no**" in "\n".join(claims(merged_evals({**data, "evals": evals})))
 
 
 def test_report_regenerates_between_markers_and_keeps_the_rest(tmp_path: Path):
@@ -57,7 +84,8 @@ def test_report_regenerates_between_markers_and_keeps_the_rest(tmp_path: Path):
     text = path.read_text()
     assert "Hand-written analysis." in text and "## Notes\nkept" in text and "old numbers" not in text
     assert text.count(START) == 1 and text.count(END) == 1
-    assert "| 1 | 2 / 2 | 0.400 | 0.100 | +0.300 |" in text  # the headline row: steps, NFE, Self-E, FM, difference
+    # the headline row: steps, NFE, Self-E, FM, difference, seeds, binomial SE over 120 images
+    assert "| 1 | 2 / 2 | 0.400 | 0.100 | +0.300 | 1 / 1 | 0.045 / 0.027 |" in text
     assert "| self_e | midpoint | 0.300 |" in text
     for png in ("quality_vs_steps.png", "quality_vs_training.png"):
         data = (tmp_path / "results" / png).read_bytes()

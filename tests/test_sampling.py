@@ -5,7 +5,7 @@ import torch
 
 from selfe.core.types import TextCond
 from selfe.core.objective import time_shift_mu
-from selfe.core.sampling import SamplerConfig, guided_velocity, sample, time_grid
+from selfe.core.sampling import SamplerConfig, guided_velocity, landing_time, sample, step_policy, time_grid
 from tests.analytic import Gaussian, PointMass
 
 
@@ -135,3 +135,24 @@ def test_auto_landing_must_be_resolved_before_sampling():
     cond, null = _conds(1)
     with pytest.raises(ValueError, match="resolve_landing"):
         sample(PointMass(torch.zeros(1, 3, 4, 4)), torch.randn(1, 3, 4, 4), cond, null, SamplerConfig(guidance=1.0))
+
+
+def test_hybrid_landing_lands_next_for_few_steps_and_on_t_for_many():
+    assert [step_policy("hybrid", n, 8) for n in (1, 2, 8, 9, 50)] == ["next"] * 3 + ["current"] * 2
+    assert step_policy("midpoint", 50, 8) == "midpoint"
+    with pytest.raises(ValueError, match="step_policy"):
+        landing_time(0.5, 0.4, "hybrid")
+    seen = []
+
+    def net(x, t, s, tokens, mask, pooled):
+        seen.append((t - s).max().item())
+        return torch.zeros_like(x)
+
+    cond, null = _conds(2)
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for steps, gap_zero in ((2, False), (50, True)):
+        seen.clear()
+        sample(net, noise, cond, null, SamplerConfig(steps=steps, guidance=1.0, landing="hybrid", hybrid_max_steps=8))
+        assert len(seen) == steps and all((g == 0) == gap_zero for g in seen)
+    with pytest.raises(ValueError, match="hybrid_max_steps"):
+        SamplerConfig(hybrid_max_steps=0).validate()

@@ -1,25 +1,61 @@
 """The reproduction report: study results (``pipelines/reproduce.py``'s study.json) -> markdown + plots.
 
-Evaluation keys are ``"{variant}|{tag}|{steps}"`` with tag ``final``, ``ckpt{N}``, ``landing-{policy}``
-or ``w{omega}-eta{eta}``; each value is a GenEval-lite summary (overall, per_task, heldout, nfe).
+Evaluation keys are ``"{run}|{tag}|{steps}"`` with tag ``final``, ``ckpt{N}``, ``landing-{policy}``
+or ``w{omega}-eta{eta}``; each value is a GenEval-lite summary (overall, per_task, heldout, nfe,
+num_images). A run is ``{variant}@s{seed}`` (or a bare variant in one-seed studies); the report merges
+the seeds of a variant: mean, standard error over seeds, and the binomial error of the pooled images.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import statistics
 from pathlib import Path
 
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 BASE, REFERENCE = "self_e", "flow_matching"
 
 
-def _evals(data: dict) -> dict[tuple[str, str, str], dict]:
-    return {tuple(k.split("|")): v for k, v in data["evals"].items()}
+def run_variant(run: str) -> str:
+    """"self_e" from "self_e@s1"; a run key without a seed is its variant."""
+    return run.partition("@")[0]
+
+
+def merge_seeds(summaries: list[dict]) -> dict:
+    """One summary from a variant's seeds: the mean of overall, per_task and heldout, ``seeds``,
+    ``se_seeds`` (standard error of the mean over seeds; None with one) and ``se_binomial``
+    (sqrt(p (1 - p) / n) over all the seeds' images)."""
+    k, overall = len(summaries), [s["overall"] for s in summaries]
+    mean = sum(overall) / k
+    images = sum(s.get("num_images") or 0 for s in summaries)
+    held = [s["heldout"] for s in summaries if s.get("heldout") is not None]
+    return {**summaries[0], "overall": mean, "seeds": k,
+            "per_task": {t: sum(s["per_task"][t] for s in summaries) / k for t in summaries[0]["per_task"]},
+            "heldout": sum(held) / len(held) if held else None,
+            "se_seeds": statistics.stdev(overall) / math.sqrt(k) if k > 1 else None,
+            "se_binomial": math.sqrt(mean * (1 - mean) / images) if images else None}
+
+
+def merged_evals(data: dict) -> dict[tuple[str, str, str], dict]:
+    """{(variant, tag, steps): the summary merged over the variant's seeds (``merge_seeds``)}."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for key, summary in data["evals"].items():
+        run, tag, steps = key.split("|")
+        groups.setdefault((run_variant(run), tag, steps), []).append(summary)
+    return {k: merge_seeds(v) for k, v in groups.items()}
+
+
+def _se(s: dict) -> float:
+    """The error a claim allows: over seeds where there are several, else the binomial one."""
+    return s["se_seeds"] if s.get("se_seeds") is not None else (s.get("se_binomial") or 0.0)
 
 
 def _cell(ev: dict, variant: str, tag: str, steps) -> str:
     s = ev.get((variant, tag, str(steps)))
-    return "—" if s is None else f"{s['overall']:.3f}"
+    if s is None:
+        return "—"
+    return f"{s['overall']:.3f}" + (f" ± {s['se_seeds']:.3f}" if s.get("se_seeds") is not None else "")
 
 
 def _score(ev: dict, variant: str, tag: str, steps) -> float | None:
@@ -35,20 +71,32 @@ def _checkpoint_steps(ev: dict, variant: str) -> list[int]:
     return sorted({int(k[1][4:]) for k in ev if k[0] == variant and k[1].startswith("ckpt")})
 
 
+def final_steps_of(runs: dict) -> dict[str, int]:
+    """Training steps of each variant's final model (its first seed's run)."""
+    out: dict[str, int] = {}
+    for run, r in runs.items():
+        out.setdefault(run_variant(run), r.get("final_step"))
+    return out
+
+
 def headline(ev: dict, labels: dict) -> str:
     steps = _final_steps(ev, BASE)
-    rows = ["| sampling steps | NFE (Self-E / FM) | Self-E | flow matching | Self-E − FM |", "|---|---|---|---|---|"]
+    rows = ["| sampling steps | NFE (Self-E / FM) | Self-E | flow matching | Self-E − FM | seeds | binomial SE (Self-E / FM) |",
+            "|---|---|---|---|---|---|---|"]
     for n in steps:
         a, b = _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n)
-        nfe = f"{ev[(BASE, 'final', str(n))]['nfe']} / " + (str(ev[(REFERENCE, 'final', str(n))]["nfe"])
-                                                              if (REFERENCE, "final", str(n)) in ev else "—")
+        se, ref = ev[(BASE, "final", str(n))], ev.get((REFERENCE, "final", str(n)))
+        nfe = f"{se['nfe']} / " + (str(ref["nfe"]) if ref else "—")
         diff = "—" if a is None or b is None else f"{a - b:+.3f}"
-        rows.append(f"| {n} | {nfe} | {_cell(ev, BASE, 'final', n)} | {_cell(ev, REFERENCE, 'final', n)} | {diff} |")
+        binom = " / ".join("—" if x is None or x.get("se_binomial") is None else f"{x['se_binomial']:.3f}" for x in (se, ref))
+        seeds = f"{se['seeds']} / {ref['seeds'] if ref else '—'}"
+        rows.append(f"| {n} | {nfe} | {_cell(ev, BASE, 'final', n)} | {_cell(ev, REFERENCE, 'final', n)} | {diff} | "
+                    f"{seeds} | {binom} |")
     for variant in (BASE, REFERENCE):
         if (variant, "final", "untrained@4") in ev:
             rows.append(f"| untrained, 4 steps ({labels[variant][0]}) | | "
                         + ("" if variant != BASE else _cell(ev, BASE, "final", "untrained@4")) + " | "
-                        + ("" if variant != REFERENCE else _cell(ev, REFERENCE, "final", "untrained@4")) + " | |")
+                        + ("" if variant != REFERENCE else _cell(ev, REFERENCE, "final", "untrained@4")) + " | | | |")
     return "\n".join(rows)
 
 
@@ -99,49 +147,66 @@ def inference_table(ev: dict, prefix: str) -> str:
     return "\n".join(rows)
 
 
+def _diff_se(ev: dict, a: str, b: str, tag: str, n) -> float:
+    """Standard error of the difference of two variants' scores (independent runs)."""
+    return math.hypot(_se(ev[(a, tag, str(n))]), _se(ev[(b, tag, str(n))]))
+
+
 def claims(ev: dict) -> list[str]:
-    """The paper's claims (selfe-method.md section 5), each checked on the study's numbers."""
+    """The paper's claims (selfe-method.md section 5), each a yes/no computed from the study's numbers,
+    which follow it. SE: over seeds where a variant has several, else binomial over the images."""
     out = []
 
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
-    few = [(n, _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n)) for n in (1, 2)]
-    if all(a is not None and b is not None for _, a, b in few):
-        ok = all(a > b for _, a, b in few)
-        out.append(f"Self-E ahead of flow matching at 1–2 steps: **{'yes' if ok else 'no'}** ("
-                   + "; ".join(f"{n} step{'s' * (n > 1)}: {a:.3f} vs {b:.3f}" for n, a, b in few) + ")")
-    many = [(n, _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n)) for n in (8, 50)]
-    if all(a is not None and b is not None for _, a, b in many):
-        ok = all(a >= b for _, a, b in many)
-        out.append(f"Self-E at least level at 8–50 steps: **{'yes' if ok else 'no'}** ("
-                   + "; ".join(f"{n} steps: {a:.3f} vs {b:.3f}" for n, a, b in many) + ")")
-    seq = [(n, _score(ev, BASE, "final", n)) for n in _final_steps(ev, BASE)]
-    if seq:
-        ok = all(b[1] >= a[1] for a, b in zip(seq, seq[1:]))
-        out.append(f"Self-E monotonic in steps: **{'yes' if ok else 'no'}** ("
-                   + " → ".join(f"{v:.3f}" for _, v in seq) + ")")
-    lead = [(s, _score(ev, BASE, f"ckpt{s}", 2), _score(ev, REFERENCE, f"ckpt{s}", 2)) for s in _checkpoint_steps(ev, BASE)]
+    def verdict(text: str, ok: bool, detail: str) -> str:
+        return f"{text}: **{'yes' if ok else 'no'}** ({detail})"
+
+    def have(*keys) -> bool:
+        return all(k in ev for k in keys)
+
+    few = [n for n in (1, 2) if have((BASE, "final", str(n)), (REFERENCE, "final", str(n)))]
+    if few == [1, 2]:
+        pairs = [(n, _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n)) for n in few]
+        out.append(verdict("Self-E ≥ 2× flow matching at 1–2 steps", all(a >= 2 * b for _, a, b in pairs),
+                           "; ".join(f"{n} step{'s' * (n > 1)}: {a:.3f} vs 2 × {b:.3f}" for n, a, b in pairs)))
+    many = [n for n in (8, 50) if have((BASE, "final", str(n)), (REFERENCE, "final", str(n)))]
+    if many == [8, 50]:
+        rows = [(n, _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n),
+                 _diff_se(ev, BASE, REFERENCE, "final", n)) for n in many]
+        out.append(verdict("Self-E ≥ flow matching − 1 SE at 8 and 50 steps", all(a >= b - e for _, a, b, e in rows),
+                           "; ".join(f"{n} steps: {a:.3f} vs {b:.3f} (SE of the difference {e:.3f})"
+                                     for n, a, b, e in rows)))
+    seq = [n for n in _final_steps(ev, BASE) if n >= 2]
+    if len(seq) > 1:
+        drops = [(m, n, _score(ev, BASE, "final", m), _score(ev, BASE, "final", n),
+                  math.hypot(_se(ev[(BASE, "final", str(m))]), _se(ev[(BASE, "final", str(n))])))
+                 for m, n in zip(seq, seq[1:])]
+        out.append(verdict(f"Self-E non-decreasing from {seq[0]} to {seq[-1]} steps within 1 SE",
+                           all(b >= a - e for _, _, a, b, e in drops),
+                           " → ".join(f"{_score(ev, BASE, 'final', n):.3f}" for n in seq)
+                           + "; largest allowed drop " + f"{max(e for *_, e in drops):.3f}"))
+    lead = [(c, _score(ev, BASE, f"ckpt{c}", 2), _score(ev, REFERENCE, f"ckpt{c}", 2)) for c in _checkpoint_steps(ev, BASE)]
     lead = [x for x in lead if x[1] is not None and x[2] is not None]
     if lead:
-        ok = all(a > b for _, a, b in lead)
-        out.append(f"Lead at 2 steps holds at every checkpoint: **{'yes' if ok else 'no'}** ("
-                   + "; ".join(f"step {s}: {a:.3f} vs {b:.3f}" for s, a, b in lead) + ")")
+        out.append(verdict("Lead at 2 steps at every checkpoint", all(a > b for _, a, b in lead),
+                           "; ".join(f"step {c}: {a:.3f} vs {b:.3f}" for c, a, b in lead)))
 
     def mean_over(variant: str, steps: list[int]) -> float | None:
         vals = [_score(ev, variant, "final", n) for n in steps]
-        return None if any(v is None for v in vals) else sum(vals) / len(vals)
+        return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
 
     all_steps = _final_steps(ev, BASE)
-    fake, base = mean_over("fake_from_start", all_steps), mean_over(BASE, all_steps)
-    if fake is not None and base is not None:
-        out.append(f"Fake-score term from the start hurts: **{'yes' if fake < base else 'no'}** (mean over steps "
-                   f"{f(fake)} vs Self-E {f(base)})")
     high = [n for n in all_steps if n >= 4]
     nr, base_hi = mean_over("no_renorm", high), mean_over(BASE, high)
     if nr is not None and base_hi is not None:
-        out.append(f"Target renorm helps at ≥ 4 steps: **{'yes' if base_hi > nr else 'no'}** (mean over "
-                   f"{high}: Self-E {f(base_hi)} vs no renorm {f(nr)})")
+        out.append(verdict("Target renorm helps at ≥ 4 steps", base_hi > nr,
+                           f"mean over {high}: Self-E {f(base_hi)} vs no renorm {f(nr)}"))
+    fake, base = mean_over("fake_from_start", all_steps), mean_over(BASE, all_steps)
+    if fake is not None and base is not None:
+        out.append(verdict("Fake-score term from step 0 hurts", fake < base,
+                           f"mean over steps {f(fake)} vs Self-E {f(base)}"))
     return out
 
 
@@ -152,7 +217,7 @@ def plots(data: dict, out_dir: Path, labels: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ev = _evals(data)
+    ev = merged_evals(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -165,7 +230,7 @@ def plots(data: dict, out_dir: Path, labels: dict) -> list[str]:
                          out_dir / "quality_vs_steps.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    final_step = {v: r.get("final_step") for v, r in data["runs"].items()}
+    final_step = final_steps_of(data["runs"])
     for v, style in ((BASE, "-"), (REFERENCE, "--")):
         for n in (1, 2, 4):
             xs = _checkpoint_steps(ev, v)
@@ -191,35 +256,44 @@ def _save(plt, fig, ax, xlabel: str, title: str, path: Path) -> str:
     return path.name
 
 
+def _load_line(runs: dict) -> str:
+    """Whether the runs had the machine to themselves, as far as their start-time load averages say."""
+    loads = [r["load_at_start"] for r in runs.values() if r.get("load_at_start") is not None]
+    if not loads:
+        return "whether the machine was otherwise idle is not recorded"
+    return f"1-minute load average at the runs' starts {min(loads):.2f}–{max(loads):.2f}"
+
+
 def render(data: dict, labels: dict, figure_dir: str) -> str:
-    ev = _evals(data)
+    ev = merged_evals(data)
     runs = data["runs"]
-    variants = [v for v in labels if v in runs]
-    final_step = {v: r.get("final_step") for v, r in runs.items()}
+    final_step = final_steps_of(runs)
+    variants = [v for v in labels if v in final_step]
     cfg = data.get("config", {}).get(BASE) or next(iter(data.get("config", {}).values()), {})
     hw = data.get("hardware", {})
     lines = [
         f"Budget **{data.get('budget')}**: {cfg.get('params', 0) / 1e6:.2f}M-parameter MM-DiT, "
         f"{cfg.get('resolution')}×{cfg.get('resolution')} shapes world, {cfg.get('steps')} steps at batch "
-        f"{cfg.get('batch_size')}, GenEval-lite on {cfg.get('prompts')} prompts (seed fixed; same noise for "
-        f"every method). Hardware: {hw.get('gpu') or hw.get('cpu')} ({hw.get('cores')} cores), torch {hw.get('torch')}.",
+        f"{cfg.get('batch_size')}, GenEval-lite on {cfg.get('prompts')} prompts (evaluation seed fixed; same noise for "
+        f"every method and training seed). Scores are means over training seeds ± their standard error where a "
+        f"variant has several. Hardware: {hw.get('gpu') or hw.get('cpu')} ({hw.get('cores')} cores), torch "
+        f"{hw.get('torch')}; {_load_line(runs)}.",
         "", f"Regenerate: `{data.get('command', 'python pipelines/reproduce.py')}`", "",
         "### Headline: GenEval-lite overall, final models", "", headline(ev, labels), "",
         "### The paper's claims, checked", "", *[f"- {c}" for c in claims(ev)], "",
         f"![quality vs steps]({figure_dir}/quality_vs_steps.png) ![quality vs training]({figure_dir}/quality_vs_training.png)",
         "", "### Quality vs training progress (GenEval-lite overall)", "",
-        progress(ev, [v for v in (BASE, REFERENCE) if v in runs], final_step), "",
+        progress(ev, [v for v in (BASE, REFERENCE) if v in final_step], final_step), "",
         "### Training ablations (same budget; overall at each step count)", "", ablations(ev, variants, labels), "",
         "### Inference ablation: landing time s (final models)", "", inference_table(ev, "landing-"), "",
         "### Inference diagnostics: guidance ω and DDIM η (default ω = 5, η = 1)", "", inference_table(ev, "w"), "",
     ]
     for v in variants:
         lines += [f"### Per task: {labels[v][0]} (final)", "", per_task(ev, v), ""]
-    lines += ["### Wall times", "", "| variant | training (s) | whole job (s) | MLflow run | registered |",
+    lines += ["### Wall times", "", "| run (variant@seed) | training (s) | whole job (s) | MLflow run | registered |",
               "|---|---|---|---|---|"]
-    for v in variants:
-        r = runs[v]
-        lines.append(f"| {v} | {r['train_s']:.0f} | {r['job_s']:.0f} | {r.get('mlflow_run_id') or '—'} | "
+    for run, r in runs.items():
+        lines.append(f"| {run} | {r['train_s']:.0f} | {r['job_s']:.0f} | {r.get('mlflow_run_id') or '—'} | "
                      f"selfe-reproduce v{r.get('model_version')} |")
     evals_s = sum(s.get("eval_s", 0) for s in data["evals"].values())
     lines += ["", f"Evaluation outside the jobs (checkpoints and inference ablations): {evals_s:.0f} s."]

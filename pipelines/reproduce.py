@@ -12,15 +12,14 @@ first seed. Each kept checkpoint is scored with GenEval-lite at 1/2/4/8 steps, t
 1/2/4/8/50; the first seed's final models also under the inference ablations (Self-E's landing
 policies; guidance and eta). Results accumulate in ``<out>/<budget>/study.json``: a rerun skips what is
 done and resumes an interrupted training run. ``docs/results.md`` is regenerated between its
-``generated`` markers; text outside them is kept. Run it alone on the machine: each run records the
-1-minute load average at its start, and the report shows them.
+``generated`` markers; text outside them is kept. Run it alone on the machine: each run records how
+busy the CPU was in the 3 s before it started, and the report shows the range.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -99,16 +98,33 @@ def train(study: Study, variant: str, cfg, out: Path) -> dict:
     run = study.data["runs"].get(variant)
     if run and run.get("done"):
         return run
-    t0, load = time.time(), round(os.getloadavg()[0], 2)
+    busy = cpu_busy()
+    t0 = time.time()
     res = run_training(cfg, out_root=str(out))
     run = {"run_name": res.run_name, "mlflow_run_id": res.mlflow_run_id, "model_dir": res.model_dir,
            "model_version": res.model_version, "final_step": res.final_step, "train_s": res.train_seconds,
-           "job_s": time.time() - t0, "grid": res.grid_path, "load_at_start": load, "done": True}
+           "job_s": time.time() - t0, "grid": res.grid_path, "cpu_busy_before": busy, "done": True}
     study.data["runs"][variant] = run
     for steps, summary in res.geneval.items():  # the job's own final evaluation: steps 1/2/4/8/50 + untrained
         study.data["evals"][f"{variant}|final|{steps}"] = summary
     study.save()
     return run
+
+
+def cpu_busy(seconds: float = 3.0) -> float | None:
+    """Share of the machine's CPU time busy over ``seconds`` (Linux /proc/stat), taken just before a run:
+    near 0 when nothing else runs. None where /proc/stat is missing."""
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # (idle + iowait, all)
+
+    try:
+        idle0, total0 = read()
+        time.sleep(seconds)
+        idle1, total1 = read()
+    except OSError:
+        return None
+    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
 
 
 def checkpoints(cfg) -> list[Path]:
@@ -216,12 +232,29 @@ def main(argv: list[str] | None = None) -> int:
         run = train(study, key, cfg, out)
         evaluate_variant(study, key, cfg, run, out, seeds[0])
     study.data.setdefault("wall_s", {})[",".join(variants)] = round(time.time() - t0)
+    study.data["grids"] = copy_grids(study, seeds[0], Path(args.report).parent)
     study.save()
     from selfe.eval.report import write_report
 
     write_report(study.data, Path(args.report), VARIANTS)
     print(f"\n=== reproduction finished: {study.path}, report {args.report} ===")
     return 0
+
+
+def copy_grids(study: Study, seed: int, report_dir: Path) -> dict[str, str]:
+    """The first seed's final sample grid of Self-E and flow matching (rows = step counts, same prompts
+    and noise) next to the report, as ``results/grid_<variant>.png``; returns {variant: relative path}."""
+    import shutil
+
+    out = {}
+    for variant in SEEDED:
+        grid = (study.data["runs"].get(run_key(variant, seed)) or {}).get("grid")
+        if grid and Path(grid).exists():
+            rel = f"results/grid_{variant}.png"
+            (report_dir / "results").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, report_dir / rel)
+            out[variant] = rel
+    return out
 
 
 def _params(cfg) -> int:

@@ -169,7 +169,7 @@ def claims(ev: dict) -> list[str]:
     few = [n for n in (1, 2) if have((BASE, "final", str(n)), (REFERENCE, "final", str(n)))]
     if few == [1, 2]:
         pairs = [(n, _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n)) for n in few]
-        out.append(verdict("Self-E ≥ 2× flow matching at 1–2 steps", all(a >= 2 * b for _, a, b in pairs),
+        out.append(verdict("Self-E ≥ 2× flow matching at 1–2 steps", all(a >= 2 * b and a > b for _, a, b in pairs),
                            "; ".join(f"{n} step{'s' * (n > 1)}: {a:.3f} vs 2 × {b:.3f}" for n, a, b in pairs)))
     many = [n for n in (8, 50) if have((BASE, "final", str(n)), (REFERENCE, "final", str(n)))]
     if many == [8, 50]:
@@ -258,10 +258,10 @@ def _save(plt, fig, ax, xlabel: str, title: str, path: Path) -> str:
 
 def _load_line(runs: dict) -> str:
     """Whether the runs had the machine to themselves, as far as their start-time load averages say."""
-    loads = [r["load_at_start"] for r in runs.values() if r.get("load_at_start") is not None]
-    if not loads:
+    busy = [r["cpu_busy_before"] for r in runs.values() if r.get("cpu_busy_before") is not None]
+    if not busy:
         return "whether the machine was otherwise idle is not recorded"
-    return f"1-minute load average at the runs' starts {min(loads):.2f}–{max(loads):.2f}"
+    return f"CPU busy in the 3 s before each run: {min(busy):.0%}–{max(busy):.0%}"
 
 
 def render(data: dict, labels: dict, figure_dir: str) -> str:
@@ -282,6 +282,8 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
         "### Headline: GenEval-lite overall, final models", "", headline(ev, labels), "",
         "### The paper's claims, checked", "", *[f"- {c}" for c in claims(ev)], "",
         f"![quality vs steps]({figure_dir}/quality_vs_steps.png) ![quality vs training]({figure_dir}/quality_vs_training.png)",
+        "", *[f"Samples, {labels[v][0]} (first seed; rows 1 / 2 / 4 / 8 / 50 steps): ![{v}]({rel})"
+               for v, rel in data.get("grids", {}).items()],
         "", "### Quality vs training progress (GenEval-lite overall)", "",
         progress(ev, [v for v in (BASE, REFERENCE) if v in final_step], final_step), "",
         "### Training ablations (same budget; overall at each step count)", "", ablations(ev, variants, labels), "",

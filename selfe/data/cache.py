@@ -246,16 +246,22 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
     manifest = _finish(cfg, fs, root, build_root, key, source_format, counts, examples, info, elapsed, previous,
                        throughput)
     _collect_garbage(fs, root, manifest)
+    _print_summary(out, manifest)
+    return out, manifest
+
+
+def _print_summary(out: str, manifest: dict) -> None:
     skipped = ", ".join(f"{r}={n}" for r, n in manifest["skipped"].items()) or "none"
     print(
-        f"preprocess: wrote {manifest['rows']} rows to {out} in {elapsed:.1f} s ({manifest['rows_per_s']:.0f} rows/s); "
-        f"skipped {sum(manifest['skipped'].values())} ({skipped}); truncated captions: {manifest['truncated_captions']}"
+        f"preprocess: wrote {manifest['rows']} rows to {out} in {manifest['elapsed_s']:.1f} s "
+        f"({manifest['rows_per_s']:.0f} rows/s); skipped {sum(manifest['skipped'].values())} ({skipped}); "
+        f"truncated captions: {manifest['truncated_captions']}"
     )
-    if throughput:
-        print(f"preprocess: encoder start-up {throughput['startup_s']:.1f} s, then {throughput['steady_rows_per_s']:.0f} "
-              f"rows/s, then {throughput['finish_s']:.1f} s to finish; per encoder actor: "
-              f"{', '.join(f'{r:.0f}' for r in throughput['rows_per_s_per_actor'])} rows/s")
-    return out, manifest
+    tp = manifest.get("encode_throughput")
+    if tp:
+        print(f"preprocess: encoder start-up {tp['startup_s']:.1f} s, then {tp['steady_rows_per_s']:.0f} rows/s, "
+              f"then {tp['finish_s']:.1f} s to finish; per encoder actor: "
+              f"{', '.join(f'{r:.0f}' for r in tp['rows_per_s_per_actor'])} rows/s")
 
 
 def _check_resources(cfg: Config, source_format: str) -> None:

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         from selfe.data.cache import build_cache
 
         start = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        from selfe.storage import ensure_ray
+
+        ensure_ray(args.num_cpus, log_to_driver=False)  # as the job starts its local Ray
         ray_start_s = time.perf_counter() - start
         start = time.perf_counter()
         _, manifest = build_cache(cfg, force=True)

@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from selfe.data.cache import build_cache
 
     runs: dict[str, list[dict]] = {"plain single process": [], "Ray Train, 1 worker": []}
-    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=args.threads + 1)
+    from selfe.storage import ensure_ray
+
+    ensure_ray(args.threads + 1, log_to_driver=False)  # as the job starts its local Ray (worker niceness 0)
     try:
         cache_path, _ = build_cache(cfg)
         for _ in range(args.repeats):

@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.utils._pytree import tree_map_only
@@ -35,7 +34,7 @@ from selfe.data.loader import epoch_batches, read_cache_tensors
 from selfe.core.ema import ema_decay_at, make_ema
 from selfe.core.objective import SelfEObjective
 from selfe.train.checkpoint import save_checkpoint
-from selfe.train.parallel import build_sharded_model
+from selfe.train.parallel import build_sharded_model, one_rank_group
 from selfe.train.step import Trainee, build_optimizer, train_step
 
 
@@ -85,9 +84,11 @@ def save(what: str, tmp: str, states: dict, checkpoint) -> None:
 
 
 def main(what: str) -> int:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    with one_rank_group(torch.device("cpu")):
+        return run(what)
+
+
+def run(what: str) -> int:
     torch.set_num_threads(2)
     cfg = load_config()
     t, b = cfg.train, cfg.train.batch_size
@@ -124,7 +125,6 @@ def main(what: str) -> int:
     print(f"  the save: threads busy: {busy_threads(census, thread_cpu())}", flush=True)
     after = [window() for _ in range(2)]
     print(f"save {what}: img/s before {before[0]:.1f}, {before[1]:.1f}; after {after[0]:.1f}, {after[1]:.1f}")
-    dist.destroy_process_group()
     return 0
 
 

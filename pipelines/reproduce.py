@@ -179,8 +179,9 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path, firs
         for steps in CHECKPOINT_STEPS:
             evaluate(study, f"{variant}|ckpt{step}|{steps}", gen, records, steps, cfg, logger, step, "ckpt_")
     final = load_generator(run["model_dir"])
-    if run_variant(variant) in DIAGNOSED and variant.endswith(f"@s{first_seed}"):
-        for policy, steps_list in LANDING if run_variant(variant) == "self_e" else []:
+    if run_variant(variant) in DIAGNOSED and variant == run_key(run_variant(variant), first_seed):
+        landing = LANDING if run_variant(variant) == "self_e" else []  # a FM model never saw s < t
+        for policy, steps_list in landing:
             for steps in steps_list:
                 evaluate(study, f"{variant}|landing-{policy}|{steps}", final, records, steps, cfg, logger,
                          prefix=f"landing_{policy}_", landing=policy)
@@ -206,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     try:  # every config is resolved (and validated) before any training starts
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip().isdigit()]
-        if not seeds or len(seeds) != len([x for x in args.seeds.split(",") if x]):
+        parts = [x.strip() for x in args.seeds.split(",") if x.strip()]
+        if not parts or not all(x.isdigit() for x in parts):
             raise ConfigError(f"--seeds must be comma-separated non-negative integers, e.g. 0,1,2; got {args.seeds!r}")
+        seeds = [int(x) for x in parts]
         configs = {run_key(v, seed): variant_config(args.budget, v, extra, seed)
                    for v in variants for seed in (seeds if v in SEEDED else seeds[:1])}
     except ConfigError as e:

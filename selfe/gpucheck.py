@@ -9,24 +9,21 @@ step-time sections: step cost does not depend on their content. train_shapes (re
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import platform
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from selfe.bench import bench_trainee, random_batch, timed_steps
 from selfe.config import Config, load_config
 from selfe.core.model import MODEL_PRESETS, build_model
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
-from selfe.train.parallel import apply_activation_checkpointing, compile_blocks, shard
+from selfe.train.parallel import apply_activation_checkpointing, compile_blocks, one_rank_group, shard
 from selfe.train.step import Trainee, build_optimizer, train_step
 
 
@@ -244,24 +241,6 @@ def method_ratio(bench: StepBench) -> dict[str, Any]:
     se, fm = bench.run("self_e"), bench.run("flow_matching")
     return {"self_e_step_s": se["step_s"], "flow_matching_step_s": fm["step_s"],
             "self_e_over_fm": round(se["step_s"] / fm["step_s"], 3)}
-
-
-@contextlib.contextmanager
-def one_rank_group(device: torch.device) -> Iterator[None]:
-    """A process group of world size 1 (NCCL on CUDA, gloo on CPU) over a TCP store on 127.0.0.1, unless one
-    is already initialised; destroyed on exit when made here."""
-    if dist.is_initialized():
-        yield
-        return
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
-    device_id = None
-    if device.type == "cuda":  # NCCL wants the device with its index ("cuda" alone is refused)
-        device_id = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-    dist.init_process_group("nccl" if device_id else "gloo", store=store, rank=0, world_size=1, device_id=device_id)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def fsdp_cost(bench: StepBench) -> dict[str, Any]:

@@ -75,8 +75,8 @@ def ensure_ray(num_cpus: int | None = None, **init_kwargs):
     A local Ray starts its workers at niceness 0 instead of Ray's 15 (``RAY_worker_niceness``, unless
     set): on a small machine the training step shares the cores with Ray's own processes, and at 15 the
     raylet, GCS and driver (niceness 0) preempt it whenever they wake; its two OpenMP threads then stall
-    together. On 2 cores the Ray Train step ran at 0.83-0.87x the plain loop at 15 and 0.80-1.08x
-    (median 1.03, six rounds) at 0 (docs/benchmarks.md)."""
+    together. On 2 cores the Ray Train step ran at 0.83-0.87x the plain loop at 15 and at a median of
+    1.01x over nine rounds at 0 (docs/benchmarks.md)."""
     import ray
 
     if ray.is_initialized():

@@ -296,7 +296,7 @@ def _read_manifest_or_none(fs: pafs.FileSystem, root: str) -> dict | None:
 def _finish(
     cfg: Config, fs: pafs.FileSystem, root: str, build_root: str, key: str, source_format: str,
     counts: dict[str, int], examples: dict[str, list[str]], info: dict, elapsed: float, previous: dict | None,
-    throughput: dict | None = None,
+    throughput: dict,
 ) -> dict:
     """Count the build's rows, check the accounting, write null_text then the manifest (last)."""
     from safetensors.torch import save
@@ -346,7 +346,7 @@ def _finish(
         "truncated_examples": examples.get("truncated_caption", []),
         "elapsed_s": round(elapsed, 2),
         "rows_per_s": round(rows / max(elapsed, 1e-9), 1),
-        "encode_throughput": throughput or {},
+        "encode_throughput": throughput,
     }
     _write_bytes(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest

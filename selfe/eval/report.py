@@ -85,11 +85,11 @@ def headline(ev: dict, labels: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for n in steps:
         a, b = _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n)
-        se, ref = ev[(BASE, "final", str(n))], ev.get((REFERENCE, "final", str(n)))
-        nfe = f"{se['nfe']} / " + (str(ref["nfe"]) if ref else "—")
+        ours, ref = ev[(BASE, "final", str(n))], ev.get((REFERENCE, "final", str(n)))
+        nfe = f"{ours['nfe']} / " + (str(ref["nfe"]) if ref else "—")
         diff = "—" if a is None or b is None else f"{a - b:+.3f}"
-        binom = " / ".join("—" if x is None or x.get("se_binomial") is None else f"{x['se_binomial']:.3f}" for x in (se, ref))
-        seeds = f"{se['seeds']} / {ref['seeds'] if ref else '—'}"
+        binom = " / ".join("—" if x is None or x.get("se_binomial") is None else f"{x['se_binomial']:.3f}" for x in (ours, ref))
+        seeds = f"{ours['seeds']} / {ref['seeds'] if ref else '—'}"
         rows.append(f"| {n} | {nfe} | {_cell(ev, BASE, 'final', n)} | {_cell(ev, REFERENCE, 'final', n)} | {diff} | "
                     f"{seeds} | {binom} |")
     for variant in (BASE, REFERENCE):
@@ -147,9 +147,9 @@ def inference_table(ev: dict, prefix: str) -> str:
     return "\n".join(rows)
 
 
-def _diff_se(ev: dict, a: str, b: str, tag: str, n) -> float:
-    """Standard error of the difference of two variants' scores (independent runs)."""
-    return math.hypot(_se(ev[(a, tag, str(n))]), _se(ev[(b, tag, str(n))]))
+def _diff_se(ev: dict, a: tuple[str, str, str], b: tuple[str, str, str]) -> float:
+    """Standard error of the difference of two scores ((variant, tag, steps) keys; independent samples)."""
+    return math.hypot(_se(ev[a]), _se(ev[b]))
 
 
 def claims(ev: dict) -> list[str]:
@@ -174,14 +174,14 @@ def claims(ev: dict) -> list[str]:
     many = [n for n in (8, 50) if have((BASE, "final", str(n)), (REFERENCE, "final", str(n)))]
     if many == [8, 50]:
         rows = [(n, _score(ev, BASE, "final", n), _score(ev, REFERENCE, "final", n),
-                 _diff_se(ev, BASE, REFERENCE, "final", n)) for n in many]
+                 _diff_se(ev, (BASE, "final", str(n)), (REFERENCE, "final", str(n)))) for n in many]
         out.append(verdict("Self-E ≥ flow matching − 1 SE at 8 and 50 steps", all(a >= b - e for _, a, b, e in rows),
                            "; ".join(f"{n} steps: {a:.3f} vs {b:.3f} (SE of the difference {e:.3f})"
                                      for n, a, b, e in rows)))
     seq = [n for n in _final_steps(ev, BASE) if n >= 2]
     if len(seq) > 1:
         drops = [(m, n, _score(ev, BASE, "final", m), _score(ev, BASE, "final", n),
-                  math.hypot(_se(ev[(BASE, "final", str(m))]), _se(ev[(BASE, "final", str(n))])))
+                  _diff_se(ev, (BASE, "final", str(m)), (BASE, "final", str(n))))
                  for m, n in zip(seq, seq[1:])]
         out.append(verdict(f"Self-E non-decreasing from {seq[0]} to {seq[-1]} steps within 1 SE",
                            all(b >= a - e for _, _, a, b, e in drops),

@@ -8,7 +8,9 @@ HSDP, parameters replicated across the R groups and split W / R ways within each
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,6 +136,24 @@ def init_from_full(model: MMDiT, cfg: ModelConfig) -> None:
             p.to_local().copy_(distribute_tensor(q, p.device_mesh, p.placements, src_data_rank=None).to_local())
         else:
             p.copy_(q)
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device) -> Iterator[None]:
+    """A process group of world size 1 (NCCL on CUDA, gloo on CPU) over a TCP store on 127.0.0.1, unless one
+    is already initialised; destroyed on exit when made here."""
+    if dist.is_initialized():
+        yield
+        return
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
+    device_id = None
+    if device.type == "cuda":  # NCCL wants the device with its index ("cuda" alone is refused)
+        device_id = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    dist.init_process_group("nccl" if device_id else "gloo", store=store, rank=0, world_size=1, device_id=device_id)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def is_sharded(model: nn.Module) -> bool:

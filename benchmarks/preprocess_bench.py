@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     tp = manifest["encode_throughput"]
     single_steady = n / (single_s - load_s - write_s)
     print(f"\n{n} shapes rows at {cfg.data.resolution}px, text encoder {cfg.text.name}, {args.num_cpus} CPUs, "
-          f"{tp['actors']} encoder actor(s) of {cfg.data.encode_cpus:g} CPUs")
+          f"{tp['pool']['actors']} encoder actor(s) of {tp['pool']['cpus']:g} CPUs")
     print(f"  single process : {single_s:6.1f} s  {n / single_s:7.1f} rows/s; start-up (model load) {load_s:.1f} s, "
           f"then {single_steady:.1f} rows/s, then {write_s:.1f} s to write ({args.num_cpus} torch threads)")
     print(f"  ray data job   : {ray_s:6.1f} s  {n / ray_s:7.1f} rows/s; start-up (to the first encoder actor ready) "

@@ -85,11 +85,12 @@ class DataConfig:
     """Images whose shorter side is smaller are skipped and counted."""
     encode_batch_size: int = 64
     """Rows per encoder batch in the preprocessing actors."""
-    encode_actors: int = 1
-    """Size of the preprocessing actor pool."""
-    encode_cpus: float = 1.0
-    """CPUs reserved per encoder actor (also its torch threads on CPU). Leave cores for the read tasks:
-    on a 2-core machine, one actor at 1 CPU."""
+    encode_actors: int | None = None
+    """Size of the preprocessing actor pool; None: one per GPU on a GPU cluster, else one per CPU the
+    read tasks leave (``selfe.data.pool.plan_encoder_pool``; 2 cores: two actors)."""
+    encode_cpus: float | None = None
+    """CPUs reserved per encoder actor (also its torch threads on CPU, rounded up); None: 1 on a GPU
+    cluster, else the CPUs the read tasks leave, split among the actors (2 cores: 0.75 each)."""
     encode_gpus: float | None = None
     """GPUs per encoder actor; None: 1 when the Ray cluster has GPUs, else 0."""
     decode_cpus: float = 0.5
@@ -110,14 +111,16 @@ class DataConfig:
             raise ConfigError(f"data.verify_cache must be sha256 or size, got {self.verify_cache!r}")
         if self.shuffle_buffer_rows < 0:
             raise ConfigError(f"data.shuffle_buffer_rows must be >= 0, got {self.shuffle_buffer_rows}")
-        if self.num_samples < 1 or self.encode_batch_size < 1 or self.encode_actors < 1:
-            raise ConfigError("data.num_samples, data.encode_batch_size and data.encode_actors must be >= 1")
+        if self.num_samples < 1 or self.encode_batch_size < 1:
+            raise ConfigError("data.num_samples and data.encode_batch_size must be >= 1")
+        if self.encode_actors is not None and self.encode_actors < 1:
+            raise ConfigError("data.encode_actors must be >= 1, or none to size the pool from the cluster")
         if self.source_format not in ("auto", "imagefolder", "webdataset", "parquet", "img2dataset"):
             raise ConfigError(
                 "data.source_format must be auto, imagefolder, webdataset, parquet or img2dataset, "
                 f"got {self.source_format!r}"
             )
-        if self.encode_cpus <= 0 or self.decode_cpus <= 0:
+        if (self.encode_cpus is not None and self.encode_cpus <= 0) or self.decode_cpus <= 0:
             raise ConfigError("data.encode_cpus and data.decode_cpus must be > 0 (fractions are allowed)")
         if self.encode_gpus is not None and self.encode_gpus < 0:
             raise ConfigError("data.encode_gpus must be >= 0, or none for one per actor when GPUs exist")

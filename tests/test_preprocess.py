@@ -102,9 +102,11 @@ def test_shapes_cache_rows_and_manifest(shapes_cache: tuple[Config, str, dict]) 
     assert null.tokens.shape == (1, tokens, 384) and null.tokens.dtype == torch.float32
     assert null.mask.dtype == torch.bool and null.pooled.shape == (1, 384)
 
-    # Throughput with the start-up apart: every row passed through the one encoder actor after it loaded.
+    # The pool sized from the 2-CPU cluster: 40 rows render as one block, so one actor with the spare 1.5 CPUs.
     tp = manifest["encode_throughput"]
-    assert tp["actors"] == cfg.data.encode_actors == 1 and 0 < tp["startup_s"] < manifest["elapsed_s"]
+    assert cfg.data.encode_actors is None and tp["pool"] == {"actors": 1, "cpus": 1.5, "gpus": 0.0}
+    # Throughput with the start-up apart: every row passed through the one encoder actor after it loaded.
+    assert tp["actors"] == 1 and 0 < tp["startup_s"] < manifest["elapsed_s"]
     assert 0 <= tp["finish_s"] < manifest["elapsed_s"] - tp["startup_s"]
     assert tp["steady_rows_per_s"] > 0 and len(tp["rows_per_s_per_actor"]) == 1
     assert tp["rows_per_s_per_actor"][0] >= tp["steady_rows_per_s"]  # encoding seconds <= the steady span
@@ -299,7 +301,7 @@ def test_parquet_source_with_custom_columns(ray_session: str, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_actor_pool_that_starves_the_readers_is_refused(ray_session: str, tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path / "cache", "--data.num_samples=8", "--data.encode_actors=2")
+    cfg = make_cfg(tmp_path / "cache", "--data.num_samples=8", "--data.encode_actors=2", "--data.encode_cpus=1")
     with pytest.raises(ConfigError, match="would wait forever. Lower data.encode_actors"):
         build_cache(cfg)
 

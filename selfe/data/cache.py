@@ -21,6 +21,7 @@ The key hashes everything that changes the rows (source, resolution, codecs and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from selfe.data.cachekey import FORMAT_VERSION, cache_dir, cache_key
 from selfe.data.contract import TEXT_FIELDS, latent_shape, manifest_columns
 from selfe.data.cachelock import build_lock
 from selfe.data.integrity import damaged_files, fingerprint
+from selfe.data.pool import EncoderPool, plan_encoder_pool, starved_message
 from selfe.data.sources import (
     byte_source_dataset,
     check_location,
@@ -202,7 +204,10 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
     build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     build_root = posixpath.join(root, BUILDS_DIR, build_id)
     ensure_ray(num_cpus)
-    _check_resources(cfg, source_format)
+    pool = _encoder_pool(cfg, source_format)
+    # The actors read their CPUs (torch threads) from the config: give them the planned pool's.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, encode_actors=pool.actors, encode_cpus=pool.cpus,
+                                                            encode_gpus=pool.gpus))
     ledger = ray.remote(num_cpus=0)(Ledger).remote()
     try:
         if source_format == "shapes":
@@ -214,16 +219,13 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
                 num_cpus=data.decode_cpus,
                 fn_kwargs={"resolution": data.resolution, "min_size": data.min_image_size, "ledger": ledger},
             )
-        gpus = data.encode_gpus
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         ds = ds.map_batches(
             EncodeBatch,
             fn_constructor_kwargs={"cfg": cfg, "ledger": ledger},
             batch_size=data.encode_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=data.encode_actors),
-            num_cpus=data.encode_cpus,
-            num_gpus=gpus,
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            num_cpus=pool.cpus,
+            num_gpus=pool.gpus,
         )
         start, job_start = time.perf_counter(), time.time()
         ds.write_parquet(
@@ -236,8 +238,9 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
         counts, examples = ray.get(ledger.totals.remote())
         info = ray.get(ledger.encoder_info.remote())
         throughput = encode_throughput(ray.get(ledger.encode_timing.remote()), job_start, job_start + elapsed)
+        throughput["pool"] = {"actors": pool.actors, "cpus": pool.cpus, "gpus": pool.gpus}
         if info is None:  # no row reached an encoder actor: load the encoders once for the metadata
-            probe = ray.remote(_probe_encoders).options(num_cpus=data.encode_cpus, num_gpus=gpus)
+            probe = ray.remote(_probe_encoders).options(num_cpus=pool.cpus, num_gpus=pool.gpus)
             info = ray.get(probe.remote(cfg))
     finally:
         ray.kill(ledger)
@@ -258,31 +261,25 @@ def _print_summary(out: str, manifest: dict) -> None:
         f"truncated captions: {manifest['truncated_captions']}"
     )
     tp = manifest.get("encode_throughput")
-    if tp:
-        print(f"preprocess: encoder start-up {tp['startup_s']:.1f} s, then {tp['steady_rows_per_s']:.0f} rows/s, "
+    if tp and "startup_s" in tp:  # absent when no row reached an encoder
+        print(f"preprocess: {tp['pool']['actors']} encoder actor(s) of {tp['pool']['cpus']:g} CPUs; start-up "
+              f"{tp['startup_s']:.1f} s, then {tp['steady_rows_per_s']:.0f} rows/s, "
               f"then {tp['finish_s']:.1f} s to finish; per encoder actor: "
               f"{', '.join(f'{r:.0f}' for r in tp['rows_per_s_per_actor'])} rows/s")
 
 
-def _check_resources(cfg: Config, source_format: str) -> None:
-    """Refuse an actor pool that leaves no CPU for the read/write tasks: Ray would wait forever."""
+def _encoder_pool(cfg: Config, source_format: str) -> EncoderPool:
+    """The planned actor pool; refuses one that leaves no CPU for the read/write tasks (Ray would wait forever)."""
     import ray
 
-    data = cfg.data
-    total = ray.cluster_resources().get("CPU", 0.0)
-    # Ray's Parquet reader lists files in a 1-CPU task; every other task asks for decode_cpus.
-    tasks = max(data.decode_cpus, 1.0 if source_format == "parquet" else 0.0)
-    if data.encode_actors * data.encode_cpus + tasks <= total + 1e-9:
-        return
-    message = (
-        f"the encoder actors need {data.encode_actors} x {data.encode_cpus} CPUs, which leaves less than the "
-        f"{tasks:g} of the {total:g} CPUs in this Ray cluster that the read and write tasks need; the job would "
-        f"wait forever. Lower data.encode_actors, data.encode_cpus or data.decode_cpus (fractions are allowed)"
-    )
-    if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
-        log.warning(message)
-    else:
-        raise ConfigError(message)
+    cluster = ray.cluster_resources()
+    pool = plan_encoder_pool(cfg.data, source_format, cluster)
+    if message := starved_message(pool, cluster.get("CPU", 0.0)):
+        if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
+            log.warning(message)
+        else:
+            raise ConfigError(message)
+    return pool
 
 
 def _read_manifest_or_none(fs: pafs.FileSystem, root: str) -> dict | None:

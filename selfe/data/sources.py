@@ -130,6 +130,11 @@ def _blocks(n: int) -> int:
 # ---------------------------------------------------------------- the shapes world
 
 
+def shapes_blocks(num_samples: int) -> int:
+    """Blocks ``shapes_dataset`` renders: each goes whole to one encoder actor."""
+    return math.ceil(num_samples / _ROWS_PER_BLOCK)
+
+
 def shapes_dataset(cfg: Any) -> Any:
     """``data.num_samples`` scenes rendered in parallel; row ``i`` depends only on (seed, i)."""
     import ray.data
@@ -137,6 +142,7 @@ def shapes_dataset(cfg: Any) -> Any:
     n = cfg.data.num_samples
     # Index ranges as in-memory items rather than `ray.data.range`: no read task holding a whole CPU.
     ranges = [{"start": s, "stop": min(s + _ROWS_PER_BLOCK, n)} for s in range(0, n, _ROWS_PER_BLOCK)]
+    assert len(ranges) == shapes_blocks(n)
     return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
         _render_shapes,
         batch_size=1,

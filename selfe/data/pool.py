@@ -1,0 +1,71 @@
+"""Size the preprocessing job's encoder actor pool from the Ray cluster it runs on.
+
+The encoders are the build's bottleneck; rendering, decoding and writing are light. So on a CPU-only
+cluster every CPU the read/write tasks do not need goes to encoder actors, one actor per CPU (each
+runs one torch thread per reserved CPU, rounded up: threads in separate actors scale better than one
+actor's intra-op threads on small batches). On 2 cores beside a 0.5-CPU render task that is two actors
+at 0.75 CPUs: a steady 0.97-1.10x a single 2-thread process, against 0.72-0.82x for one 1-CPU actor
+(docs/benchmarks.md, "Preprocessing"). On a GPU cluster it is one actor per GPU at 1 CPU each, which
+leaves the node's other CPUs to the image decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from selfe.data.sources import shapes_blocks
+
+
+@dataclass(frozen=True)
+class EncoderPool:
+    actors: int
+    cpus: float
+    """CPUs reserved per actor."""
+    gpus: float
+    """GPUs reserved per actor."""
+    task_cpus: float
+    """CPUs the read/write tasks need beside the actors."""
+
+
+def plan_encoder_pool(data, source_format: str, cluster: dict[str, float]) -> EncoderPool:
+    """The pool for ``data`` (a ``DataConfig``): its explicit settings, the rest from ``cluster``
+    (``ray.cluster_resources()``: ``{"CPU": n, "GPU": m, ...}``).
+
+    Auto rules (a field left ``None``): gpus = 1 when the cluster has GPUs, else 0; actors = GPUs / gpus
+    on a GPU cluster, else round(CPUs - task_cpus), capped at one per rendered block of shapes; cpus = 1 on a
+    GPU cluster, else (CPUs - task_cpus) / actors, rounded down to 0.01. Whether the pool fits is
+    ``starved_message``'s question.
+    """
+    total, total_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    # Ray's Parquet reader lists files in a 1-CPU task; every other task asks for decode_cpus.
+    tasks = max(data.decode_cpus, 1.0 if source_format == "parquet" else 0.0)
+    spare = total - tasks
+    gpus = data.encode_gpus if data.encode_gpus is not None else (1.0 if total_gpus > 0 else 0.0)
+    if data.encode_actors is not None:
+        actors = data.encode_actors
+    elif gpus > 0:
+        actors = max(1, int(total_gpus // gpus))
+    else:
+        actors = max(1, math.floor(spare + 0.5))
+        if source_format == "shapes":  # each rendered block goes to one actor: more actors get nothing
+            actors = min(actors, shapes_blocks(data.num_samples))
+    if data.encode_cpus is not None:
+        cpus = data.encode_cpus
+    elif gpus > 0 or spare <= 0:  # spare <= 0: a cluster whose workers have not joined yet
+        cpus = 1.0
+    else:
+        cpus = max(0.01, math.floor(spare / actors * 100) / 100)
+    return EncoderPool(actors=actors, cpus=cpus, gpus=gpus, task_cpus=tasks)
+
+
+def starved_message(pool: EncoderPool, total_cpus: float) -> str | None:
+    """Why ``pool`` would leave the read/write tasks waiting forever on ``total_cpus``, or None if it fits."""
+    if pool.actors * pool.cpus + pool.task_cpus <= total_cpus + 1e-9:
+        return None
+    return (
+        f"the encoder actors need {pool.actors} x {pool.cpus:g} CPUs, which leaves less than the "
+        f"{pool.task_cpus:g} of the {total_cpus:g} CPUs in this Ray cluster that the read and write tasks need; "
+        f"the job would wait forever. Lower data.encode_actors, data.encode_cpus or data.decode_cpus (fractions "
+        f"are allowed), or leave data.encode_actors and data.encode_cpus unset to size the pool from the cluster"
+    )

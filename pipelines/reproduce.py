@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         if not parts or not all(x.isdigit() for x in parts):
             raise ConfigError(f"--seeds must be comma-separated non-negative integers, e.g. 0,1,2; got {args.seeds!r}")
         seeds = [int(x) for x in parts]
-        configs = {run_key(v, seed): variant_config(args.budget, v, extra, seed)
-                   for v in variants for seed in (seeds if v in SEEDED else seeds[:1])}
+        # Seed by seed (Self-E and flow matching of one seed side by side), then the ablations: a study
+        # stopped part-way still holds matched pairs.
+        order = [(v, seed) for seed in seeds for v in variants if v in SEEDED]
+        order += [(v, seeds[0]) for v in variants if v not in SEEDED]
+        configs = {run_key(v, seed): variant_config(args.budget, v, extra, seed) for v, seed in order}
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

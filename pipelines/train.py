@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print_job_locations(cfg)
     from selfe.train.job import run_training
 
-    res = run_training(cfg, promote=args.promote, out_root=args.out)
+    try:
+        res = run_training(cfg, promote=args.promote, out_root=args.out)
+    except ConfigError as e:  # found once the run's storage is visible (e.g. a resume under other settings)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     print("\n=== selfe training finished ===")
     print(f"run name:        {res.run_name} (re-run with --train.run_name={res.run_name} to resume)")
     print(f"steps:           {res.final_step} in {res.train_seconds:.0f} s of training")

@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help=f"training seeds of {' and '.join(SEEDED)}; ablations use the first")
     ap.add_argument("--out", default="outputs/reproduce", help="folder for models, eval files and study.json")
     ap.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="markdown report to (re)generate")
+    ap.add_argument("--report-only", action="store_true",
+                    help="regenerate the report from study.json as it stands (a study part-way: says what is missing)")
     args, extra = ap.parse_known_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -232,17 +234,26 @@ def main(argv: list[str] | None = None) -> int:
     study.data.setdefault("config", {}).update({run_variant(k): {"steps": c.train.steps, "batch_size": c.train.batch_size,
                                 "params": _params(c), "resolution": c.data.resolution,
                                 "prompts": len(_records(c))} for k, c in configs.items()})
+    study.data["planned"] = list(configs)
+    if args.report_only:
+        return report(study, seeds[0], Path(args.report))
     t0 = time.time()
     for key, cfg in configs.items():
         run = train(study, key, cfg, out)
         evaluate_variant(study, key, cfg, run, out, seeds[0])
     study.data.setdefault("wall_s", {})[",".join(variants)] = round(time.time() - t0)
-    study.data["grids"] = copy_grids(study, seeds[0], Path(args.report).parent)
-    study.save()
+    return report(study, seeds[0], Path(args.report))
+
+
+def report(study: Study, first_seed: int, path: Path) -> int:
     from selfe.eval.report import write_report
 
-    write_report(study.data, Path(args.report), VARIANTS)
-    print(f"\n=== reproduction finished: {study.path}, report {args.report} ===")
+    study.data["grids"] = copy_grids(study, first_seed, path.parent)
+    study.save()
+    write_report(study.data, path, VARIANTS)
+    missing = [k for k in study.data["planned"] if not study.data["runs"].get(k, {}).get("done")]
+    print(f"\n=== reproduction {'part-way: ' + ', '.join(missing) + ' still to run' if missing else 'finished'}: "
+          f"{study.path}, report {path} ===")
     return 0
 
 

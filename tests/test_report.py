@@ -83,10 +83,20 @@ def test_report_regenerates_between_markers_and_keeps_the_rest(tmp_path: Path):
     write_report(study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6]), path, LABELS)
     text = path.read_text()
     assert "Hand-written analysis." in text and "## Notes\nkept" in text and "old numbers" not in text
-    assert text.count(START) == 1 and text.count(END) == 1
+    assert text.count(START) == 1 and text.count(END) == 1 and "Part-way" not in text
     # the headline row: steps, NFE, Self-E, FM, difference, seeds, binomial SE over 120 images
     assert "| 1 | 2 / 2 | 0.400 | 0.100 | +0.300 | 1 / 1 | 0.045 / 0.027 |" in text
     assert "| self_e | midpoint | 0.300 |" in text
     for png in ("quality_vs_steps.png", "quality_vs_training.png"):
         data = (tmp_path / "results" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_a_study_stopped_part_way_names_what_it_still_lacks(tmp_path: Path):
+    data = study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6])
+    data["runs"] = {"self_e@s0": {**data["runs"]["self_e"], "done": True}}
+    data["planned"] = ["self_e@s0", "flow_matching@s0", "self_e@s1"]
+    path = tmp_path / "results.md"
+    write_report(data, path, LABELS)
+    assert ("**Part-way**: 1 of 3 planned runs done (self_e@s0); still to run: flow_matching@s0, self_e@s1."
+            in path.read_text())

@@ -264,6 +264,16 @@ def _load_line(runs: dict) -> str:
     return f"CPU busy in the 3 s before each run: {min(busy):.0%}–{max(busy):.0%}"
 
 
+def _partial_line(data: dict) -> list[str]:
+    """A study stopped part-way says which planned runs it still lacks (the next invocation resumes)."""
+    missing = [k for k in data.get("planned", []) if not data["runs"].get(k, {}).get("done")]
+    if not missing:
+        return []
+    done = [k for k in data.get("planned", []) if k not in missing]
+    return [f"**Part-way**: {len(done)} of {len(data['planned'])} planned runs done ({', '.join(done) or 'none'}); "
+            f"still to run: {', '.join(missing)}. Rerunning the command resumes the study.", ""]
+
+
 def render(data: dict, labels: dict, figure_dir: str) -> str:
     ev = merged_evals(data)
     runs = data["runs"]
@@ -278,7 +288,7 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
         f"every method and training seed). Scores are means over training seeds ± their standard error where a "
         f"variant has several. Hardware: {hw.get('gpu') or hw.get('cpu')} ({hw.get('cores')} cores), torch "
         f"{hw.get('torch')}; {_load_line(runs)}.",
-        "", f"Regenerate: `{data.get('command', 'python pipelines/reproduce.py')}`", "",
+        "", f"Regenerate: `{data.get('command', 'python pipelines/reproduce.py')}`", "", *_partial_line(data),
         "### Headline: GenEval-lite overall, final models", "", headline(ev, labels), "",
         "### The paper's claims, checked", "", *[f"- {c}" for c in claims(ev)], "",
         f"![quality vs steps]({figure_dir}/quality_vs_steps.png) ![quality vs training]({figure_dir}/quality_vs_training.png)",

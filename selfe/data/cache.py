@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import posixpath
 import time
 import uuid
@@ -35,12 +34,11 @@ import pyarrow.fs as pafs
 
 from selfe.config import Config
 from selfe.core.types import TextCond
-from selfe.configtools import ConfigError
 from selfe.data.cachekey import FORMAT_VERSION, cache_dir, cache_key
 from selfe.data.contract import TEXT_FIELDS, latent_shape, manifest_columns
 from selfe.data.cachelock import build_lock
 from selfe.data.integrity import damaged_files, fingerprint
-from selfe.data.pool import EncoderPool, plan_encoder_pool, starved_message
+from selfe.data.pool import cluster_encoder_pool
 from selfe.data.sources import (
     byte_source_dataset,
     check_location,
@@ -204,7 +202,7 @@ def _build(cfg: Config, fs: pafs.FileSystem, root: str, out: str, key: str, sour
     build_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     build_root = posixpath.join(root, BUILDS_DIR, build_id)
     ensure_ray(num_cpus)
-    pool = _encoder_pool(cfg, source_format)
+    pool = cluster_encoder_pool(cfg, source_format)
     # The actors read their CPUs (torch threads) from the config: give them the planned pool's.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, encode_actors=pool.actors, encode_cpus=pool.cpus,
                                                             encode_gpus=pool.gpus))
@@ -266,20 +264,6 @@ def _print_summary(out: str, manifest: dict) -> None:
               f"{tp['startup_s']:.1f} s, then {tp['steady_rows_per_s']:.0f} rows/s, "
               f"then {tp['finish_s']:.1f} s to finish; per encoder actor: "
               f"{', '.join(f'{r:.0f}' for r in tp['rows_per_s_per_actor'])} rows/s")
-
-
-def _encoder_pool(cfg: Config, source_format: str) -> EncoderPool:
-    """The planned actor pool; refuses one that leaves no CPU for the read/write tasks (Ray would wait forever)."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    pool = plan_encoder_pool(cfg.data, source_format, cluster)
-    if message := starved_message(pool, cluster.get("CPU", 0.0)):
-        if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
-            log.warning(message)
-        else:
-            raise ConfigError(message)
-    return pool
 
 
 def _read_manifest_or_none(fs: pafs.FileSystem, root: str) -> dict | None:

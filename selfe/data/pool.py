@@ -11,10 +11,16 @@ leaves the node's other CPUs to the image decoding.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
+from selfe.configtools import ConfigError
+
 from selfe.data.sources import shapes_blocks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,3 +75,17 @@ def starved_message(pool: EncoderPool, total_cpus: float) -> str | None:
         f"the job would wait forever. Lower data.encode_actors, data.encode_cpus or data.decode_cpus (fractions "
         f"are allowed), or leave data.encode_actors and data.encode_cpus unset to size the pool from the cluster"
     )
+
+
+def cluster_encoder_pool(cfg, source_format: str) -> EncoderPool:
+    """The pool for the running Ray cluster; refuses one that leaves the read/write tasks no CPU (Ray
+    would wait forever), except on a cluster named by ``RAY_ADDRESS``, which may still grow: a warning."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    pool = plan_encoder_pool(cfg.data, source_format, cluster)
+    if message := starved_message(pool, cluster.get("CPU", 0.0)):
+        if not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError(message)
+        log.warning(message)
+    return pool

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if not skip and not a.startswith("--variants"):
             shown.append(a)
         skip = a == "--variants"
-    study.data["command"] = " ".join(["python pipelines/reproduce.py", *shown])
+    if not args.report_only:  # the report names the command that ran the study, not this one
+        study.data["command"] = " ".join(["python pipelines/reproduce.py", *shown])
     study.data.setdefault("config", {}).update({run_variant(k): {"steps": c.train.steps, "batch_size": c.train.batch_size,
                                 "params": _params(c), "resolution": c.data.resolution,
                                 "prompts": len(_records(c))} for k, c in configs.items()})

@@ -69,3 +69,12 @@ def test_bad_pool_settings_are_rejected(override: str, match: str) -> None:
 
     with pytest.raises(ConfigError, match=match):
         data_cfg(override)
+
+
+def test_several_nodes_get_whole_cpu_actors_that_fit_on_one_node() -> None:
+    # Three 1-CPU nodes: a 2.5-CPU actor would fit on none, and 0.83-CPU fractions would leave no node
+    # the 0.5 CPUs a render task needs.
+    pool = plan_encoder_pool(data_cfg("--data.num_samples=48"), "shapes", {"CPU": 3.0}, nodes=3)
+    assert (pool.actors, pool.cpus) == (1, 1.0)
+    pool = plan_encoder_pool(data_cfg(), "imagefolder", {"CPU": 3.0}, nodes=3)
+    assert (pool.actors, pool.cpus) == (2, 1.0) and starved_message(pool, 3.0) is None

@@ -34,13 +34,15 @@ class EncoderPool:
     """CPUs the read/write tasks need beside the actors."""
 
 
-def plan_encoder_pool(data, source_format: str, cluster: dict[str, float]) -> EncoderPool:
+def plan_encoder_pool(data, source_format: str, cluster: dict[str, float], nodes: int = 1) -> EncoderPool:
     """The pool for ``data`` (a ``DataConfig``): its explicit settings, the rest from ``cluster``
-    (``ray.cluster_resources()``: ``{"CPU": n, "GPU": m, ...}``).
+    (``ray.cluster_resources()``: ``{"CPU": n, "GPU": m, ...}``) and its number of CPU ``nodes``.
 
     Auto rules (a field left ``None``): gpus = 1 when the cluster has GPUs, else 0; actors = GPUs / gpus
     on a GPU cluster, else round(CPUs - task_cpus), capped at one per rendered block of shapes; cpus = 1 on a
-    GPU cluster, else (CPUs - task_cpus) / actors, rounded down to 0.01. Whether the pool fits is
+    GPU cluster, else (CPUs - task_cpus) / actors, rounded down to 0.01. On several CPU nodes actors
+    take 1 CPU each and there are floor(CPUs - task_cpus) of them: an actor must fit on one node, and
+    fractions spread over nodes would leave no node a whole task's CPUs. Whether the pool fits is
     ``starved_message``'s question.
     """
     total, total_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
@@ -53,12 +55,12 @@ def plan_encoder_pool(data, source_format: str, cluster: dict[str, float]) -> En
     elif gpus > 0:
         actors = max(1, int(total_gpus // gpus))
     else:
-        actors = max(1, math.floor(spare + 0.5))
+        actors = max(1, math.floor(spare + 0.5) if nodes <= 1 else math.floor(spare))
         if source_format == "shapes":  # each rendered block goes to one actor: more actors get nothing
             actors = min(actors, shapes_blocks(data.num_samples))
     if data.encode_cpus is not None:
         cpus = data.encode_cpus
-    elif gpus > 0 or spare <= 0:  # spare <= 0: a cluster whose workers have not joined yet
+    elif gpus > 0 or spare <= 0 or nodes > 1:  # spare <= 0: a cluster whose workers have not joined yet
         cpus = 1.0
     else:
         cpus = max(0.01, math.floor(spare / actors * 100) / 100)
@@ -83,7 +85,8 @@ def cluster_encoder_pool(cfg, source_format: str) -> EncoderPool:
     import ray
 
     cluster = ray.cluster_resources()
-    pool = plan_encoder_pool(cfg.data, source_format, cluster)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    pool = plan_encoder_pool(cfg.data, source_format, cluster, nodes)
     if message := starved_message(pool, cluster.get("CPU", 0.0)):
         if not os.environ.get("RAY_ADDRESS"):
             raise ConfigError(message)

@@ -19,9 +19,10 @@ def test_two_cores_get_two_fractional_actors_beside_the_render_task() -> None:
 
 
 def test_parquet_sources_keep_a_whole_cpu_for_the_file_listing_task() -> None:
-    pool = plan_encoder_pool(data_cfg(), "parquet", {"CPU": 2.0})
-    assert (pool.actors, pool.cpus, pool.task_cpus) == (1, 1.0, 1.0)
-    assert starved_message(pool, 2.0) is None
+    for source_format in ("parquet", "img2dataset"):  # img2dataset's Parquet output reads through it too
+        pool = plan_encoder_pool(data_cfg(), source_format, {"CPU": 2.0})
+        assert (pool.actors, pool.cpus, pool.task_cpus) == (1, 1.0, 1.0)
+        assert starved_message(pool, 2.0) is None
 
 
 def test_larger_cpu_nodes_get_one_actor_per_spare_cpu() -> None:

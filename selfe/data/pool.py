@@ -46,8 +46,9 @@ def plan_encoder_pool(data, source_format: str, cluster: dict[str, float], nodes
     ``starved_message``'s question.
     """
     total, total_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    # Ray's Parquet reader lists files in a 1-CPU task; every other task asks for decode_cpus.
-    tasks = max(data.decode_cpus, 1.0 if source_format == "parquet" else 0.0)
+    # Ray's Parquet reader lists files in a 1-CPU task (img2dataset's Parquet output reads through it
+    # too); every other task asks for decode_cpus.
+    tasks = max(data.decode_cpus, 1.0 if source_format in ("parquet", "img2dataset") else 0.0)
     spare = total - tasks
     gpus = data.encode_gpus if data.encode_gpus is not None else (1.0 if total_gpus > 0 else 0.0)
     if data.encode_actors is not None:
@@ -84,10 +85,12 @@ def cluster_encoder_pool(cfg, source_format: str) -> EncoderPool:
     would wait forever), except on a cluster named by ``RAY_ADDRESS``, which may still grow: a warning."""
     import ray
 
-    cluster = ray.cluster_resources()
+    # Size from the CPUs free now (a job may hold some, e.g. a trial beside the build); check against all.
+    cluster = {**ray.cluster_resources(), "CPU": ray.available_resources().get("CPU", 0.0)}
+    total = ray.cluster_resources().get("CPU", 0.0)
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
     pool = plan_encoder_pool(cfg.data, source_format, cluster, nodes)
-    if message := starved_message(pool, cluster.get("CPU", 0.0)):
+    if message := starved_message(pool, total):
         if not os.environ.get("RAY_ADDRESS"):
             raise ConfigError(message)
         log.warning(message)

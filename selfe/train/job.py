@@ -26,7 +26,7 @@ from selfe.generator import ImageGenerator, save_model_dir
 from selfe.core.model import build_model
 from selfe.train.checkpoint import load_weights
 from selfe.train.owner import run_owner
-from selfe.train.resume import check_resume_identity, remove_unregistered, training_identity
+from selfe.train.resume import remove_unregistered
 from selfe.train.handoff import TrackingTarget, WorkerInputs, worker_inputs
 from selfe.train.worker import train_loop_per_worker
 
@@ -151,8 +151,6 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     run_name = cfg.train.run_name or default_run_name()
     cfg.train.run_name = run_name
     cfg.eval.require_networks(cfg.data.source)  # before hours of training, not after
-    storage_path, fs = train_storage(cfg.train.storage_path, cfg.data.s3_endpoint, resolve_uri=True)
-    check_resume_identity(f"{storage_path}/{run_name}", training_identity(cfg), fs)  # before any work
     ensure_ray()
     cache_path, manifest = build_cache(cfg)
     text = TextEncoder(cfg.text)

@@ -31,7 +31,7 @@ from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInputs
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
-from selfe.train.resume import restore_first_usable, training_identity
+from selfe.train.resume import restore_first_usable
 from selfe.train.step import Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
 
 
@@ -65,7 +65,6 @@ class WorkerLoop:
         self.null = inputs.null.to(self.device)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.resumed_from = -1  # the step of the checkpoint this run resumed from (reported, for tests)
-        self.identity = training_identity(cfg)  # in every checkpoint: a rerun under other settings is refused
         group = ray.util.get_current_placement_group()  # fixed for the worker's life
         self.placement_group = group.id.hex() if group else ""
         self.per_worker = cfg.train.batch_size // self.world
@@ -173,8 +172,7 @@ class WorkerLoop:
         if do_grid:
             self._log_grid(step)
         if do_ckpt:
-            progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                        "identity": self.identity}
+            progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
             with tempfile.TemporaryDirectory() as tmp:
                 self.timeline["checkpoint_start"] = time.time()
                 save_checkpoint(tmp, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)

@@ -80,10 +80,12 @@ def run_key(variant: str, seed: int) -> str:
     return f"{variant}@s{seed}"
 
 
-def variant_config(budget: str, variant: str, extra: list[str], seed: int = 0):
+def variant_config(budget: str, variant: str, extra: list[str], seed: int, out: Path):
     b = BUDGETS[budget]
     name = f"{variant.replace('_', '-')}-s{seed}"
-    overrides = [*b["overrides"], "--eval.max_prompts=20", "--tracking.experiment=selfe-reproduce",
+    # Checkpoints live with the study's state: a study under another --out (a smoke run) never resumes them.
+    overrides = [*b["overrides"], f"--train.storage_path={out / budget / 'ray_results'}",
+                 "--eval.max_prompts=20", "--tracking.experiment=selfe-reproduce",
                  "--tracking.registered_model=selfe-reproduce", f"--tracking.alias={budget}-{name}",
                  *VARIANTS[variant][1], f"--train.seed={seed}", *extra]  # the command line's overrides win
     cfg = load_config(b["config"], overrides)
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         # stopped part-way still holds matched pairs.
         order = [(v, seed) for seed in seeds for v in variants if v in SEEDED]
         order += [(v, seeds[0]) for v in variants if v not in SEEDED]
-        configs = {run_key(v, seed): variant_config(args.budget, v, extra, seed) for v, seed in order}
+        configs = {run_key(v, seed): variant_config(args.budget, v, extra, seed, Path(args.out))
+                   for v, seed in order}
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -249,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(study: Study, first_seed: int, path: Path) -> int:
-    from selfe.eval.report import write_report
+    from selfe.eval.report import missing_runs, write_report
 
     study.data["grids"] = copy_grids(study, first_seed, path.parent)
     study.save()
     write_report(study.data, path, VARIANTS)
-    missing = [k for k in study.data["planned"] if not study.data["runs"].get(k, {}).get("done")]
+    missing = missing_runs(study.data)
     print(f"\n=== reproduction {'part-way: ' + ', '.join(missing) + ' still to run' if missing else 'finished'}: "
           f"{study.path}, report {path} ===")
     return 0

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         res = run_training(cfg, promote=args.promote, out_root=args.out)
-    except ConfigError as e:  # found once the run's storage is visible (e.g. a resume under other settings)
+    except ConfigError as e:  # found once Ray is up (e.g. an encoder pool that would starve the read tasks)
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print("\n=== selfe training finished ===")

@@ -158,31 +158,3 @@ def test_checkpoint_folders_ray_never_registered_are_removed(tmp_path):
     assert remove_unregistered(str(tmp_path)) == ["checkpoint_3"]
     assert all(p.is_dir() for p in kept) and not (tmp_path / "checkpoint_3").exists()
     assert remove_unregistered(str(tmp_path / "no-run-yet")) == []
-
-
-def test_a_rerun_under_other_training_settings_is_refused_before_any_work(tmp_path):
-    from selfe.config import load_config
-    from selfe.configtools import ConfigError
-    from selfe.train.resume import check_resume_identity, training_identity
-
-    started = load_config(overrides=["--train.steps=30"])
-    model, ema, opt = _trained()
-    save_checkpoint(tmp_path / "checkpoint_a", model, ema, opt, {"step": 30, "identity": training_identity(started)})
-    (tmp_path / "checkpoint_manager_snapshot.json").write_text(
-        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}]}))
-    run_dir = str(tmp_path)
-    # Same settings, or only what may change between attempts (cadence, workers): resumable.
-    check_resume_identity(run_dir, training_identity(started))
-    check_resume_identity(run_dir, training_identity(
-        load_config(overrides=["--train.steps=30", "--train.checkpoint_every=7", "--train.num_workers=2"])))
-    with pytest.raises(ConfigError, match=r"train.steps: 30 -> 12000.*new --train.run_name"):
-        check_resume_identity(run_dir, training_identity(load_config(overrides=["--train.steps=12000"])))
-    with pytest.raises(ConfigError, match=r"objective.renorm_target: True -> False"):
-        check_resume_identity(run_dir, training_identity(
-            load_config(overrides=["--train.steps=30", "--objective.renorm_target=false"])))
-    # Checkpoints written before identities were recorded, and runs without checkpoints, are not refused.
-    save_checkpoint(tmp_path / "old" / "checkpoint_b", model, ema, opt, {"step": 2})
-    (tmp_path / "old" / "checkpoint_manager_snapshot.json").write_text(
-        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_b"}]}))
-    check_resume_identity(str(tmp_path / "old"), training_identity(load_config(overrides=["--train.steps=12000"])))
-    check_resume_identity(str(tmp_path / "no-run-yet"), training_identity(started))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from selfe.configtools import ConfigError
 
-from selfe.data.sources import shapes_blocks
+from selfe.data.sources import read_task_cpus, shapes_blocks
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ def plan_encoder_pool(data, source_format: str, cluster: dict[str, float], nodes
     ``starved_message``'s question.
     """
     total, total_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    # Ray's Parquet reader lists files in a 1-CPU task (img2dataset's Parquet output reads through it
-    # too); every other task asks for decode_cpus.
-    tasks = max(data.decode_cpus, 1.0 if source_format in ("parquet", "img2dataset") else 0.0)
+    tasks = read_task_cpus(source_format, data.decode_cpus)
     spare = total - tasks
     gpus = data.encode_gpus if data.encode_gpus is not None else (1.0 if total_gpus > 0 else 0.0)
     if data.encode_actors is not None:
@@ -86,8 +84,9 @@ def cluster_encoder_pool(cfg, source_format: str) -> EncoderPool:
     import ray
 
     # Size from the CPUs free now (a job may hold some, e.g. a trial beside the build); check against all.
-    cluster = {**ray.cluster_resources(), "CPU": ray.available_resources().get("CPU", 0.0)}
-    total = ray.cluster_resources().get("CPU", 0.0)
+    resources = ray.cluster_resources()
+    total = resources.get("CPU", 0.0)
+    cluster = {**resources, "CPU": ray.available_resources().get("CPU", 0.0)}
     nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
     pool = plan_encoder_pool(cfg.data, source_format, cluster, nodes)
     if message := starved_message(pool, total):

@@ -142,7 +142,6 @@ def shapes_dataset(cfg: Any) -> Any:
     n = cfg.data.num_samples
     # Index ranges as in-memory items rather than `ray.data.range`: no read task holding a whole CPU.
     ranges = [{"start": s, "stop": min(s + _ROWS_PER_BLOCK, n)} for s in range(0, n, _ROWS_PER_BLOCK)]
-    assert len(ranges) == shapes_blocks(n)
     return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
         _render_shapes,
         batch_size=1,
@@ -278,6 +277,13 @@ def _fetch_files(batch: dict[str, np.ndarray], fs: pafs.FileSystem) -> dict[str,
         captions.append(caption or "")
         errors.append(error or "")
     return _byte_rows(list(batch["id"]), images, captions, errors)
+
+
+def read_task_cpus(source_format: str, decode_cpus: float) -> float:
+    """CPUs the largest read task of ``source_format`` reserves: ``ray.data.read_parquet`` lists and samples
+    its files in a 1-CPU task (Parquet sources and img2dataset's tables both read through
+    ``parquet_byte_rows``); every other read, decode and write task asks for ``decode_cpus``."""
+    return max(decode_cpus, 1.0 if source_format in ("parquet", "img2dataset") else 0.0)
 
 
 def parquet_byte_rows(fs: pafs.FileSystem, tables: list[str], columns: list[str], to_rows: Any, fn_kwargs: dict,

@@ -264,9 +264,14 @@ def _load_line(runs: dict) -> str:
     return f"CPU busy in the 3 s before each run: {min(busy):.0%}–{max(busy):.0%}"
 
 
+def missing_runs(data: dict) -> list[str]:
+    """The planned runs (``variant@sN``) of a study that have not finished."""
+    return [k for k in data.get("planned", []) if not data["runs"].get(k, {}).get("done")]
+
+
 def _partial_line(data: dict) -> list[str]:
     """A study stopped part-way says which planned runs it still lacks (the next invocation resumes)."""
-    missing = [k for k in data.get("planned", []) if not data["runs"].get(k, {}).get("done")]
+    missing = missing_runs(data)
     if not missing:
         return []
     done = [k for k in data.get("planned", []) if k not in missing]

@@ -1,5 +1,4 @@
-"""Which checkpoint a restarted run resumes from, the checkpoint folders nobody registered, and
-whether a rerun's config may resume the checkpoints at all.
+"""Which checkpoint a restarted run resumes from, and the checkpoint folders nobody registered.
 
 Ray Train hands a restarted worker group its latest registered checkpoint only. If that one is
 corrupt or partial (a truncated shard, a half-copied folder), resuming from it fails on every retry
@@ -10,18 +9,15 @@ the first that verifies and loads.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import pyarrow.fs as pafs
 import ray.train
 from torch.distributed.checkpoint.api import CheckpointException
 
-from selfe.configtools import ConfigError
-from selfe.data.cachekey import cache_key
-from selfe.train.checkpoint import PROGRESS_FILE, verify_checkpoint
+from selfe.train.checkpoint import verify_checkpoint
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -87,43 +83,3 @@ def remove_unregistered(run_dir: str, fs: pafs.FileSystem | None = None) -> list
     for name in stray:
         fs.delete_dir(f"{run_dir}/{name}")
     return stray
-
-
-def training_identity(cfg: Any) -> dict[str, Any]:
-    """What a run's checkpoints depend on, as dotted keys: model, objective, EMA, optimiser, the tau
-    anneal, the step count (the lr and tau schedules stretch with it), global batch, seed and the
-    cache's key. Resuming under other values would silently continue a different run. What may change
-    between attempts is left out: workers, precision and parallel layout, logging, checkpoint cadence."""
-    flat: dict[str, Any] = {}
-    for section in ("model", "objective", "ema", "optim"):
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
-            flat[f"{section}.{key}"] = value
-    flat.update({"anneal_fraction": cfg.anneal_fraction, "train.steps": cfg.train.steps,
-                 "train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed, "data.cache_key": cache_key(cfg)})
-    return json.loads(json.dumps(flat))  # tuples -> lists: compares equal to what a progress file holds
-
-
-def check_resume_identity(run_dir: str, identity: dict[str, Any], fs: pafs.FileSystem | None = None) -> None:
-    """Refuse to resume ``run_dir``'s checkpoints under a config whose ``training_identity`` differs
-    from the one the latest checkpoint recorded. Nothing to check without registered checkpoints, or
-    when the latest one predates identities or cannot be read (the workers then fall back to an older one)."""
-    names = registered_checkpoints(run_dir, fs)
-    if not names:
-        return
-    fs, run_dir = _filesystem(run_dir, fs)
-    try:
-        with fs.open_input_stream(f"{run_dir}/{names[-1]}/{PROGRESS_FILE}") as f:
-            saved = json.loads(f.read()).get("identity")
-    except (FileNotFoundError, OSError, ValueError):
-        return
-    if saved is None:
-        return
-    changed = [f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in sorted(saved.keys() | identity.keys())
-               if saved.get(k) != identity.get(k)]
-    if changed:
-        raise ConfigError(
-            f"train.run_name {run_dir.rsplit('/', 1)[-1]!r} has checkpoints written under other training settings "
-            f"({'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''}): resuming them would continue a "
-            f"different run. Rerun with the settings it was started with, or start over with a new "
-            f"--train.run_name (or delete {run_dir})"
-        )

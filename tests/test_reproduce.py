@@ -1,0 +1,17 @@
+"""The study's plan: run order, and checkpoints kept with the study's own state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.reproduce import run_key, variant_config
+
+
+def test_checkpoints_live_under_the_study_folder_so_another_study_never_resumes_them(tmp_path: Path) -> None:
+    smoke = variant_config("cpu", "self_e", ["--train.steps=30"], 0, tmp_path / "smoke")
+    study = variant_config("cpu", "self_e", [], 0, tmp_path / "study")
+    assert smoke.train.run_name == study.train.run_name == "repro-cpu-self-e-s0"
+    assert Path(smoke.train.storage_path) == tmp_path / "smoke" / "cpu" / "ray_results"
+    assert Path(study.train.storage_path) == tmp_path / "study" / "cpu" / "ray_results"
+    assert study.train.steps == 12000 and smoke.train.steps == 30  # the command line's overrides win
+    assert run_key("self_e", 2) == "self_e@s2"

@@ -206,11 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=str(ROOT / "docs" / "results.md"), help="markdown report to (re)generate")
     ap.add_argument("--report-only", action="store_true",
                     help="regenerate the report from study.json as it stands (a study part-way: says what is missing)")
+    ap.add_argument("--max-runs", type=int, default=None,
+                    help="train at most this many unfinished runs, then write the report part-way (a 2-core study "
+                         "in chunks between other work; rerun to go on)")
     args, extra = ap.parse_known_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if args.max_runs is not None and args.max_runs < 1:
+        print(f"--max-runs must be at least 1, got {args.max_runs}", file=sys.stderr)
         return 2
     try:  # every config is resolved (and validated) before any training starts
         parts = [x.strip() for x in args.seeds.split(",") if x.strip()]
@@ -243,11 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     study.data["planned"] = list(configs)
     if args.report_only:
         return report(study, seeds[0], Path(args.report))
-    t0 = time.time()
+    t0, trained = time.time(), 0
     for key, cfg in configs.items():
+        fresh = not (study.data["runs"].get(key) or {}).get("done")
+        if fresh and args.max_runs is not None and trained >= args.max_runs:
+            break  # evaluations of finished runs still complete above; the rest waits for the next invocation
+        trained += fresh
         run = train(study, key, cfg, out)
         evaluate_variant(study, key, cfg, run, out, seeds[0])
-    study.data.setdefault("wall_s", {})[",".join(variants)] = round(time.time() - t0)
+    walls = study.data.setdefault("wall_s", {})  # summed over the invocations (chunks) that ended normally
+    walls[",".join(variants)] = walls.get(",".join(variants), 0) + round(time.time() - t0)
     return report(study, seeds[0], Path(args.report))
 
 

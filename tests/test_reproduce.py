@@ -15,3 +15,11 @@ def test_checkpoints_live_under_the_study_folder_so_another_study_never_resumes_
     assert Path(study.train.storage_path) == tmp_path / "study" / "cpu" / "ray_results"
     assert study.train.steps == 12000 and smoke.train.steps == 30  # the command line's overrides win
     assert run_key("self_e", 2) == "self_e@s2"
+
+
+def test_max_runs_below_one_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    from pipelines.reproduce import main
+
+    assert main(["--max-runs", "0", "--out", str(tmp_path), "--report", str(tmp_path / "r.md")]) == 2
+    assert "--max-runs must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "cpu").exists()

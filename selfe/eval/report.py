@@ -315,7 +315,7 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
     evals_s = sum(s.get("eval_s", 0) for s in data["evals"].values())
     lines += ["", f"Evaluation outside the jobs (checkpoints and inference ablations): {evals_s:.0f} s."]
     for key, wall in data.get("wall_s", {}).items():
-        lines.append(f"Study wall time for `{key}`: {wall} s.")
+        lines.append(f"Study wall time for `{key}`: {wall} s (summed over the invocations that ended normally).")
     return "\n".join(lines)
 
 

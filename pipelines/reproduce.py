@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(out / "study.json")
     study.data["budget"] = args.budget
     study.data["hardware"] = hardware()
-    shown, skip = [], False  # the command that regenerates the whole study: without --variants
+    shown, skip = [], False  # the command that regenerates the whole study: without --variants or --max-runs
     for a in argv if argv is not None else sys.argv[1:]:
-        if not skip and not a.startswith("--variants"):
+        if not skip and not a.startswith(("--variants", "--max-runs")):
             shown.append(a)
-        skip = a == "--variants"
+        skip = a in ("--variants", "--max-runs")
     if not args.report_only:  # the report names the command that ran the study, not this one
         study.data["command"] = " ".join(["python pipelines/reproduce.py", *shown])
     study.data.setdefault("config", {}).update({run_variant(k): {"steps": c.train.steps, "batch_size": c.train.batch_size,

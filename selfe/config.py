@@ -94,8 +94,9 @@ class DataConfig:
     encode_gpus: float | None = None
     """GPUs per encoder actor; None: 1 when the Ray cluster has GPUs, else 0."""
     decode_cpus: float = 0.5
-    """CPUs reserved per read/decode task. Differing from ``encode_cpus`` also keeps Ray Data from
-    fusing decoding into the encoder actors, where it would run serially in front of the encoders."""
+    """CPUs reserved per read/decode/write task. Differing from ``encode_cpus`` also keeps Ray Data from
+    fusing image decoding into the encoder actors, where it would run serially in front of the encoders
+    (the shapes world's cheap render is fused into CPU actors on purpose: ``sources.shapes_dataset``)."""
     image_column: str = "image"
     """Parquet sources: column of encoded image bytes (or a Hugging Face ``{bytes, path}`` struct)."""
     caption_column: str = "text"

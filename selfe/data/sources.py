@@ -136,22 +136,33 @@ def shapes_blocks(num_samples: int) -> int:
 
 
 def shapes_dataset(cfg: Any) -> Any:
-    """``data.num_samples`` scenes rendered in parallel; row ``i`` depends only on (seed, i)."""
+    """``data.num_samples`` scenes rendered in parallel; row ``i`` depends only on (seed, i).
+
+    With a CPU-only encoder pool (``data.encode_cpus`` set, no ``encode_gpus``: the planned pool) the
+    render asks for the actors' own resources, so Ray Data fuses it into the encoder actors: each renders
+    a block and encodes it, instead of waiting for render tasks that compete for the same cores (on
+    2 cores the separate render tasks left the actors idle ~9% of the steady span; docs/benchmarks.md).
+    A GPU actor would idle while it rendered: there the render stays in ``decode_cpus`` tasks.
+    """
     import ray.data
 
-    n = cfg.data.num_samples
-    # Index ranges as in-memory items rather than `ray.data.range`: no read task holding a whole CPU.
-    ranges = [{"start": s, "stop": min(s + _ROWS_PER_BLOCK, n)} for s in range(0, n, _ROWS_PER_BLOCK)]
-    return ray.data.from_items(ranges, override_num_blocks=len(ranges)).map_batches(
+    data = cfg.data
+    n = data.num_samples
+    # Scene indices as in-memory blocks rather than `ray.data.range`: no read task holding a whole CPU. One
+    # row per scene, not one per range: a fused operator bundles its input up to the encoder's batch size
+    # in rows, which would hand every range to one actor.
+    blocks = [np.arange(s, min(s + _ROWS_PER_BLOCK, n), dtype=np.int64) for s in range(0, n, _ROWS_PER_BLOCK)]
+    in_encoders = data.encode_cpus is not None and not data.encode_gpus
+    return ray.data.from_numpy(blocks).map_batches(
         _render_shapes,
-        batch_size=1,
-        num_cpus=cfg.data.decode_cpus,
+        batch_size=None,  # a whole block per call
+        num_cpus=data.encode_cpus if in_encoders else data.decode_cpus,
         fn_kwargs={"seed": cfg.data.seed, "resolution": cfg.data.resolution, "task_weights": dict(cfg.data.task_weights)},
     )
 
 
 def _render_shapes(batch: dict[str, np.ndarray], seed: int, resolution: int, task_weights: dict) -> dict:
-    """Render the scenes of each ``{start, stop}`` index range in ``batch``."""
+    """Render the scenes whose indices are ``batch["data"]`` (int64 (B,))."""
     from PIL import Image
 
     from selfe.data.shapes import ShapesConfig, generate_one, spec_to_json
@@ -160,8 +171,7 @@ def _render_shapes(batch: dict[str, np.ndarray], seed: int, resolution: int, tas
     # The renderer needs >= 32 px to keep shapes classifiable; smaller caches are downscaled renders.
     shapes_cfg = ShapesConfig(resolution=max(resolution, 32), **({"task_weights": task_weights} if task_weights else {}))
     ids, images, captions, specs = [], [], [], []
-    indices = [i for start, stop in zip(batch["start"], batch["stop"]) for i in range(int(start), int(stop))]
-    for index in indices:
+    for index in (int(i) for i in batch["data"]):
         image, caption, spec = generate_one(index, seed, shapes_cfg)
         if image.shape[0] != resolution:
             image = resize_center_crop(Image.fromarray(image), resolution)

@@ -74,7 +74,7 @@ def test_bad_pool_settings_are_rejected(override: str, match: str) -> None:
 
 def test_several_nodes_get_whole_cpu_actors_that_fit_on_one_node() -> None:
     # Three 1-CPU nodes: a 2.5-CPU actor would fit on none, and 0.83-CPU fractions would leave no node
-    # the 0.5 CPUs a render task needs.
+    # the 0.5 CPUs a write task needs.
     pool = plan_encoder_pool(data_cfg("--data.num_samples=48"), "shapes", {"CPU": 3.0}, nodes=3)
     assert (pool.actors, pool.cpus) == (1, 1.0)
     pool = plan_encoder_pool(data_cfg(), "imagefolder", {"CPU": 3.0}, nodes=3)

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, cfg in configs.items():
         fresh = not (study.data["runs"].get(key) or {}).get("done")
         if fresh and args.max_runs is not None and trained >= args.max_runs:
-            break  # evaluations of finished runs still complete above; the rest waits for the next invocation
+            break  # the rest waits for the next invocation
         trained += fresh
         run = train(study, key, cfg, out)
         evaluate_variant(study, key, cfg, run, out, seeds[0])

@@ -361,22 +361,30 @@ def test_s3_without_usable_credentials_names_the_problem(
 
 
 class _Tag:
-    """Stands in for the encoder actor: same resources, so Ray Data may fuse the render into it."""
+    """Stands in for the encoder actor (same resources, so Ray Data may fuse the render into it); tags
+    each row with the actor's process."""
 
     def __call__(self, batch: dict) -> dict:
-        return batch
+        import os
+
+        return {"id": batch["id"], "pid": np.full(len(batch["id"]), os.getpid())}
 
 
 def test_shapes_render_is_fused_into_cpu_encoder_actors_only(ray_session: str, tmp_path: Path) -> None:
-    """A planned CPU pool renders inside the actors (no render task competing for the cores); with no
-    planned pool (or a GPU one) the render stays in its own tasks."""
+    """A planned CPU pool renders inside the actors (no render task competing for the cores), and both
+    actors get blocks; with no planned pool (or a GPU one) the render stays in its own tasks."""
     import ray.data
 
-    from selfe.data.sources import shapes_dataset
+    from selfe.data.sources import shapes_blocks, shapes_dataset
 
+    n = 256 * 12
+    assert shapes_blocks(n) == 12
     for encode_cpus, fused in ((0.75, True), (None, False)):
-        cfg = make_cfg(tmp_path, "--data.num_samples=8", f"--data.encode_cpus={encode_cpus}", "--data.encode_gpus=0")
-        ds = shapes_dataset(cfg).map_batches(_Tag, batch_size=4, compute=ray.data.ActorPoolStrategy(size=1),
+        cfg = make_cfg(tmp_path, f"--data.num_samples={n}", f"--data.encode_cpus={encode_cpus}", "--data.encode_gpus=0")
+        ds = shapes_dataset(cfg).map_batches(_Tag, batch_size=64, compute=ray.data.ActorPoolStrategy(size=2),
                                              num_cpus=0.75, num_gpus=0.0).materialize()
-        assert sorted(ds.to_pandas()["id"]) == sorted(f"shapes:{i}" for i in range(8))
+        rows = ds.to_pandas()
+        assert sorted(rows["id"]) == sorted(f"shapes:{i}" for i in range(n))
         assert ("MapBatches(_render_shapes)->MapBatches(_Tag)" in ds.stats()) is fused, ds.stats()
+        if fused:  # one row per range once bundled every range into a single actor's input
+            assert rows["pid"].nunique() == 2

@@ -4,8 +4,9 @@ The encoders are the build's bottleneck; rendering, decoding and writing are lig
 cluster every CPU the read/write tasks do not need goes to encoder actors, one actor per CPU (each
 runs one torch thread per reserved CPU, rounded up: threads in separate actors scale better than one
 actor's intra-op threads on small batches). On 2 cores beside 0.5-CPU write tasks that is two actors
-at 0.75 CPUs, which also render the shapes scenes they encode (docs/benchmarks.md, "Preprocessing"). On a GPU cluster it is one actor per GPU at 1 CPU each, which
-leaves the node's other CPUs to the image decoding.
+at 0.75 CPUs, which also render the shapes scenes they encode (docs/benchmarks.md, "Preprocessing").
+On a GPU cluster it is one actor per GPU at 1 CPU each, which leaves the node's other CPUs to the image
+decoding.
 """
 
 from __future__ import annotations

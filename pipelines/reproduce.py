@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         trained += fresh
         run = train(study, key, cfg, out)
         evaluate_variant(study, key, cfg, run, out, seeds[0])
-    walls = study.data.setdefault("wall_s", {})  # summed over the invocations (chunks) that ended normally
-    walls[",".join(variants)] = walls.get(",".join(variants), 0) + round(time.time() - t0)
+    walls, key = study.data.setdefault("wall_s", {}), ",".join(variants)  # summed over the invocations that ended
+    walls[key] = walls.get(key, 0) + round(time.time() - t0)
     return report(study, seeds[0], Path(args.report))
 
 

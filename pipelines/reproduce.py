@@ -257,9 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         trained += fresh
         run = train(study, key, cfg, out)
         evaluate_variant(study, key, cfg, run, out, seeds[0])
-    walls, key = study.data.setdefault("wall_s", {}), ",".join(variants)  # summed over the invocations that ended
+    walls, key = study.data.setdefault("wall_s", {}), wall_key(variants)  # summed over the invocations that ended
     walls[key] = walls.get(key, 0) + round(time.time() - t0)
     return report(study, seeds[0], Path(args.report))
+
+
+def wall_key(variants: list[str]) -> str:
+    """The study's wall-time key: its set of variants in VARIANTS' order, so a study resumed with its
+    runs reordered (``--variants small_gap,no_renorm,...``) keeps adding to the same total."""
+    return ",".join(v for v in VARIANTS if v in variants)
 
 
 def report(study: Study, first_seed: int, path: Path) -> int:

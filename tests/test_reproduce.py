@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.reproduce import run_key, variant_config
+from pipelines.reproduce import run_key, variant_config, wall_key
 
 
 def test_checkpoints_live_under_the_study_folder_so_another_study_never_resumes_them(tmp_path: Path) -> None:
@@ -23,3 +23,9 @@ def test_max_runs_below_one_is_refused_before_any_work(tmp_path: Path, capsys) -
     assert main(["--max-runs", "0", "--out", str(tmp_path), "--report", str(tmp_path / "r.md")]) == 2
     assert "--max-runs must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "cpu").exists()
+
+
+def test_a_study_resumed_in_another_run_order_keeps_one_wall_time_total() -> None:
+    assert wall_key(["self_e", "flow_matching", "small_gap", "no_renorm", "fake_from_start"]) == \
+        "self_e,flow_matching,no_renorm,fake_from_start,small_gap"
+    assert wall_key(["flow_matching", "self_e"]) == "self_e,flow_matching"  # a subset is its own study

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.reproduce import run_key, variant_config, wall_key
+from pipelines.reproduce import run_key, sampler_diagnostics, variant_config, wall_key
 
 
 def test_checkpoints_live_under_the_study_folder_so_another_study_never_resumes_them(tmp_path: Path) -> None:
@@ -29,3 +29,11 @@ def test_a_study_resumed_in_another_run_order_keeps_one_wall_time_total() -> Non
     assert wall_key(["self_e", "flow_matching", "small_gap", "no_renorm", "fake_from_start"]) == \
         "self_e,flow_matching,no_renorm,fake_from_start,small_gap"
     assert wall_key(["flow_matching", "self_e"]) == "self_e,flow_matching"  # a subset is its own study
+
+
+def test_sampler_diagnostics_sit_beside_the_configs_own_sampler(tmp_path: Path) -> None:
+    cfg = variant_config("cpu", "self_e", [], 0, tmp_path)
+    assert (cfg.sampler.guidance, cfg.sampler.eta) == (2.0, 1.0)  # the CPU preset's: the final scores
+    assert sampler_diagnostics(cfg) == [(1.0, 1.0), (3.0, 1.0), (5.0, 1.0), (2.0, 0.0), (5.0, 0.0)]
+    cfg.sampler.guidance = 5.0  # a config whose default is one of the grid's points is not scored twice
+    assert sampler_diagnostics(cfg) == [(1.0, 1.0), (3.0, 1.0), (5.0, 0.0)]

@@ -134,16 +134,19 @@ def ablations(ev: dict, variants: list[str], labels: dict) -> str:
     return "\n".join(rows)
 
 
-def inference_table(ev: dict, prefix: str) -> str:
-    """Rows: (variant, setting) for tags starting with ``prefix``; columns: step counts."""
+def inference_table(ev: dict, prefix: str, default: str | None = None) -> str:
+    """Rows: (variant, setting) for tags starting with ``prefix``; columns: step counts. With ``default``
+    each variant's final scores join its rows as the setting ``default`` (the one they were taken with)."""
     tags = sorted({(k[0], k[1]) for k in ev if k[1].startswith(prefix)})
     steps = sorted({int(k[2]) for k in ev if k[1].startswith(prefix)})
     if not tags:
         return ""
+    if default is not None:
+        tags = sorted(tags + [(v, "final") for v in {v for v, _ in tags}])
     rows = ["| method | setting | " + " | ".join(str(n) for n in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for variant, tag in tags:
-        rows.append(f"| {variant} | {tag.removeprefix(prefix) if prefix != 'w' else tag} | "
-                    + " | ".join(_cell(ev, variant, tag, n) for n in steps) + " |")
+        name = f"{default} (default)" if tag == "final" else tag.removeprefix(prefix) if prefix != "w" else tag
+        rows.append(f"| {variant} | {name} | " + " | ".join(_cell(ev, variant, tag, n) for n in steps) + " |")
     return "\n".join(rows)
 
 
@@ -302,8 +305,9 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
         "", "### Quality vs training progress (GenEval-lite overall)", "",
         progress(ev, [v for v in (BASE, REFERENCE) if v in final_step], final_step), "",
         "### Training ablations (same budget; overall at each step count)", "", ablations(ev, variants, labels), "",
-        "### Inference ablation: landing time s (final models)", "", inference_table(ev, "landing-"), "",
-        "### Inference diagnostics: guidance ω and DDIM η (default ω = 5, η = 1)", "", inference_table(ev, "w"), "",
+        "### Inference ablation: landing time s (final models)", "", inference_table(ev, "landing-", "next"), "",
+        f"### Inference diagnostics: guidance ω and DDIM η (the final scores use ω = {cfg.get('guidance', '?')}, "
+        f"η = {cfg.get('eta', '?')})", "", inference_table(ev, "w"), "",
     ]
     for v in variants:
         lines += [f"### Per task: {labels[v][0]} (final)", "", per_task(ev, v), ""]

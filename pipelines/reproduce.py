@@ -11,9 +11,10 @@ and flow matching run once per training seed (``--seeds``, default 0,1,2); the a
 first seed. Each kept checkpoint is scored with GenEval-lite at 1/2/4/8 steps, the final model at
 1/2/4/8/50; the final models also under the inference ablations: the landing policies (every Self-E
 seed and the small-gap ablation), guidance and eta (the first seed). Results accumulate in
-``<out>/<budget>/study.json``: a rerun skips what is done and resumes an interrupted training run. ``docs/results.md`` is regenerated between its
-``generated`` markers; text outside them is kept. Run it alone on the machine: each run records how
-busy the CPU was in the 3 s before it started, and the report shows the range.
+``<out>/<budget>/study.json``: a rerun skips what is done and resumes an interrupted training run.
+``docs/results.md`` is regenerated between its ``generated`` markers; text outside them is kept. Run it
+alone on the machine: each run records how busy the CPU was in the 3 s before it started, and the
+report shows the range.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ class SamplerConfig:
     """Landing time s: "next" (t_{k+1}), "current" (t_k: flow matching), "midpoint", "hybrid" ("next" up
     to ``hybrid_max_steps`` steps, "current" above: at 50 steps the gaps t - s are 0.01-0.03, which
     training rarely draws), or "auto": follow the training method (``resolve_landing``), so a
-    flow-matching model is never fed gaps it never saw."""
+    flow-matching model is never fed gaps it never saw. "auto" is the default of every preset: over
+    three CPU-budget seeds no other policy beat "next" at any step count, "current" included at 50
+    steps (0.594 +- 0.019 against 0.611 +- 0.022; docs/results.md)."""
     hybrid_max_steps: int = 8
     """With landing "hybrid": the most steps that still land on the next grid time. [ours]"""
 

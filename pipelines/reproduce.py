@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from selfe.config import load_config
+from selfe.core.sampling import resolve_landing
 from selfe.configtools import ConfigError
 from selfe.eval.report import run_variant
 
@@ -59,7 +60,7 @@ FINAL_STEPS = [1, 2, 4, 8, 50]
 # Self-E's landing policies at every step count ("next" is its default: the final scores), for every
 # seed of the paper's training (the CPU default is chosen from them: mean and SE over seeds) and for the
 # small-gap remedy (meant to make "next" hold up at 50 steps).
-LANDING = [("current", [1, 2, 4, 8, 50]), ("midpoint", [1, 2, 4, 8, 50]), ("hybrid", [1, 2, 4, 8, 50])]
+LANDING = ("current", "midpoint", "hybrid")
 LANDED = ("self_e", "small_gap")
 DIAGNOSED = ("self_e", "flow_matching")
 
@@ -195,8 +196,8 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path, firs
             evaluate(study, f"{variant}|ckpt{step}|{steps}", gen, records, steps, cfg, logger, step, "ckpt_")
     final = load_generator(run["model_dir"])
     if run_variant(variant) in LANDED:  # a flow-matching model never saw s < t
-        for policy, steps_list in LANDING:
-            for steps in steps_list:
+        for policy in LANDING:
+            for steps in FINAL_STEPS:
                 evaluate(study, f"{variant}|landing-{policy}|{steps}", final, records, steps, cfg, logger,
                          prefix=f"landing_{policy}_", landing=policy)
     if run_variant(variant) in DIAGNOSED and variant == run_key(run_variant(variant), first_seed):
@@ -254,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         skip = a in ("--variants", "--max-runs")
     if not args.report_only:  # the report names the command that ran the study, not this one
         study.data["command"] = " ".join(["python pipelines/reproduce.py", *shown])
-    study.data.setdefault("config", {}).update({run_variant(k): {"steps": c.train.steps, "batch_size": c.train.batch_size,
-                                "params": _params(c), "resolution": c.data.resolution,
-                                "prompts": len(_records(c)), "guidance": c.sampler.guidance, "eta": c.sampler.eta}
-                                for k, c in configs.items()})
+    study.data.setdefault("config", {}).update({run_variant(k): config_summary(c) for k, c in configs.items()})
     study.data["planned"] = list(configs)
     if args.report_only:
         return report(study, seeds[0], Path(args.report))
@@ -272,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     walls, key = study.data.setdefault("wall_s", {}), wall_key(variants)  # summed over the invocations that ended
     walls[key] = walls.get(key, 0) + round(time.time() - t0)
     return report(study, seeds[0], Path(args.report))
+
+
+def config_summary(cfg) -> dict:
+    """What the report states about a variant's run: size, budget, prompts and the sampler of its scores."""
+    return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "params": _params(cfg),
+            "resolution": cfg.data.resolution, "prompts": len(_records(cfg)), "guidance": cfg.sampler.guidance,
+            "eta": cfg.sampler.eta, "landing": resolve_landing(cfg.sampler.landing, cfg.objective.method)}
 
 
 def wall_key(variants: list[str]) -> str:

@@ -31,7 +31,7 @@ def study(self_e: list[float], fm: list[float], ckpt: dict[int, tuple[float, flo
     runs = {v: {"final_step": 800, "train_s": 600.0, "job_s": 700.0, "mlflow_run_id": "abc", "model_version": 1}
             for v in LABELS}
     return {"budget": "cpu", "evals": evals, "runs": runs, "config": {"self_e": {"params": 2.4e6, "resolution": 32,
-            "steps": 800, "batch_size": 32, "prompts": 180, "guidance": 2.0, "eta": 1.0}},
+            "steps": 800, "batch_size": 32, "prompts": 180, "guidance": 2.0, "eta": 1.0, "landing": "next"}},
             "hardware": {"cpu": "x86_64", "cores": 2}}
 
 
@@ -90,6 +90,10 @@ def test_report_regenerates_between_markers_and_keeps_the_rest(tmp_path: Path):
     # the landing table holds the final scores as the default policy's row beside the other policies
     assert "| self_e | midpoint | 0.300 |" in text and "| self_e | next (default) | 0.400 |" in text
     assert "(the final scores use ω = 2.0, η = 1.0)" in text  # the study's own sampler, not a stale constant
+    hybrid = study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6])
+    hybrid["config"]["self_e"]["landing"] = "hybrid"  # the label follows the policy the study sampled with
+    write_report(hybrid, path, LABELS)
+    assert "| self_e | hybrid (default) | 0.400 |" in path.read_text()
     for png in ("quality_vs_steps.png", "quality_vs_training.png"):
         data = (tmp_path / "results" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -305,7 +305,7 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
         "", "### Quality vs training progress (GenEval-lite overall)", "",
         progress(ev, [v for v in (BASE, REFERENCE) if v in final_step], final_step), "",
         "### Training ablations (same budget; overall at each step count)", "", ablations(ev, variants, labels), "",
-        "### Inference ablation: landing time s (final models)", "", inference_table(ev, "landing-", "next"), "",
+        "### Inference ablation: landing time s (final models)", "", inference_table(ev, "landing-", cfg.get("landing", "?")), "",
         f"### Inference diagnostics: guidance ω and DDIM η (the final scores use ω = {cfg.get('guidance', '?')}, "
         f"η = {cfg.get('eta', '?')})", "", inference_table(ev, "w"), "",
     ]

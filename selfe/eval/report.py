@@ -157,11 +157,9 @@ def _diff_se(ev: dict, a: tuple[str, str, str], b: tuple[str, str, str]) -> floa
 
 def claims(ev: dict) -> list[str]:
     """The paper's claims (selfe-method.md section 5), each a yes/no computed from the study's numbers,
-    which follow it. SE: over seeds where a variant has several, else binomial over the images."""
+    which follow it. SE: over seeds where a variant has several, else binomial over the images. "At least
+    level" claims allow 1 SE against them; "helps"/"hurts" claims need a gap beyond 1 SE."""
     out = []
-
-    def f(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
 
     def verdict(text: str, ok: bool, detail: str) -> str:
         return f"{text}: **{'yes' if ok else 'no'}** ({detail})"
@@ -196,20 +194,29 @@ def claims(ev: dict) -> list[str]:
         out.append(verdict("Lead at 2 steps at every checkpoint", all(a > b for _, a, b in lead),
                            "; ".join(f"step {c}: {a:.3f} vs {b:.3f}" for c, a, b in lead)))
 
-    def mean_over(variant: str, steps: list[int]) -> float | None:
-        vals = [_score(ev, variant, "final", n) for n in steps]
-        return None if not vals or any(v is None for v in vals) else sum(vals) / len(vals)
+    def mean_over(variant: str, steps: list[int]) -> tuple[float, float] | None:
+        """(mean score over ``steps``, a bound on its SE). The step counts share a model and prompts, so
+        their errors are positively correlated: the mean of their SEs (full correlation) bounds the SE."""
+        rows = [ev.get((variant, "final", str(n))) for n in steps]
+        if not rows or any(r is None for r in rows):
+            return None
+        return sum(r["overall"] for r in rows) / len(rows), sum(_se(r) for r in rows) / len(rows)
+
+    def beats(text: str, better: tuple[float, float], worse: tuple[float, float], names: tuple[str, str],
+              steps: list[int]) -> str:
+        """A directional ablation claim reads yes only when the gap exceeds its standard error."""
+        gap, err = better[0] - worse[0], math.hypot(better[1], worse[1])
+        return verdict(text, gap > err, f"mean over {steps}: {names[0]} {better[0]:.3f} vs {names[1]} {worse[0]:.3f}, "
+                       f"difference {gap:+.3f} ± {err:.3f}; yes needs it beyond 1 SE")
 
     all_steps = _final_steps(ev, BASE)
     high = [n for n in all_steps if n >= 4]
     nr, base_hi = mean_over("no_renorm", high), mean_over(BASE, high)
     if nr is not None and base_hi is not None:
-        out.append(verdict("Target renorm helps at ≥ 4 steps", base_hi > nr,
-                           f"mean over {high}: Self-E {f(base_hi)} vs no renorm {f(nr)}"))
+        out.append(beats("Target renorm helps at ≥ 4 steps", base_hi, nr, ("Self-E", "no renorm"), high))
     fake, base = mean_over("fake_from_start", all_steps), mean_over(BASE, all_steps)
     if fake is not None and base is not None:
-        out.append(verdict("Fake-score term from step 0 hurts", fake < base,
-                           f"mean over steps {f(fake)} vs Self-E {f(base)}"))
+        out.append(beats("Fake-score term from step 0 hurts", base, fake, ("Self-E", "fake from step 0"), all_steps))
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfe.eval.report import END, START, claims, merged_evals, write_report
+from selfe.eval.report import END, START, claims, merged_evals, paired_table, write_report
 
 LABELS = {"self_e": ("Self-E", []), "flow_matching": ("flow matching", []), "no_renorm": ("no renorm", []),
           "fake_from_start": ("fake from start", [])}
@@ -61,6 +61,21 @@ def test_ablation_claims_need_a_gap_beyond_one_standard_error():
     clear = "\n".join(claims(merged_evals(study([0.4, 0.5, 0.55, 0.6, 0.6], [0.1, 0.2, 0.5, 0.6, 0.6],
                                                  fake_gap=0.15))))
     assert "from step 0 hurts: **yes**" in clear
+
+
+def test_inference_settings_pair_with_the_same_seeds_default():
+    """Seeds far apart (0.3 / 0.5 / 0.7) but the setting +0.10, +0.12, +0.08 on each: the paired difference
+    is +0.10 ± 0.012, though unpaired the two means sit within their 0.12 spread. One seed: no row."""
+    evals = {}
+    for seed, base, gain in [(0, 0.3, 0.10), (1, 0.5, 0.12), (2, 0.7, 0.08)]:
+        evals[f"self_e@s{seed}|final|2"] = summary(base)
+        evals[f"self_e@s{seed}|w2-eta0|2"] = summary(base + gain)
+    evals["flow_matching@s0|final|2"], evals["flow_matching@s0|w2-eta0|2"] = summary(0.2), summary(0.3)
+    table = paired_table(evals)
+    assert "| self_e | w2-eta0 | 3 | +0.100 ± 0.012 |" in table
+    assert "flow_matching" not in table
+    evals["self_e@s0|landing-current|2"] = summary(0.1)  # one seed of a landing policy: not paired
+    assert "current" not in paired_table(evals)
 
 
 def test_seeds_merge_into_mean_and_standard_error_and_set_the_tolerance():

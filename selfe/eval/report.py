@@ -150,6 +150,35 @@ def inference_table(ev: dict, prefix: str, default: str | None = None) -> str:
     return "\n".join(rows)
 
 
+def paired(evals: dict, variant: str, tag: str, steps) -> tuple[float, float, int] | None:
+    """Mean ± SE over seeds of each seed's (``tag`` − final) score: the same model and evaluation noise
+    on both sides, so the seed-to-seed spread of the model cancels. None below two seeds."""
+    runs = {k.split("|")[0] for k in evals if run_variant(k.split("|")[0]) == variant}
+    diffs = [evals[f"{r}|{tag}|{steps}"]["overall"] - evals[f"{r}|final|{steps}"]["overall"] for r in sorted(runs)
+             if f"{r}|{tag}|{steps}" in evals and f"{r}|final|{steps}" in evals]
+    if len(diffs) < 2:
+        return None
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+
+
+def paired_table(evals: dict, prefixes: tuple[str, ...] = ("landing-", "w")) -> str:
+    """Every inference setting scored on several seeds, as its paired difference from the default."""
+    keys = {(run_variant(r), tag, n) for r, tag, n in (k.split("|") for k in evals)
+            if tag.startswith(prefixes) and n.isdigit()}
+    cells = {k: paired(evals, *k) for k in keys}
+    rows_of = sorted({(v, tag) for (v, tag, _), c in cells.items() if c is not None})
+    if not rows_of:
+        return ""
+    steps = sorted({int(n) for (v, tag, n), c in cells.items() if c is not None})
+    rows = ["| method | setting | seeds | " + " | ".join(str(n) for n in steps) + " |", "|---|---|---|" + "---|" * len(steps)]
+    for v, tag in rows_of:
+        got = [cells.get((v, tag, str(n))) for n in steps]
+        seeds = max(c[2] for c in got if c is not None)
+        rows.append(f"| {v} | {tag.removeprefix('landing-')} | {seeds} | "
+                    + " | ".join("—" if c is None else f"{c[0]:+.3f} ± {c[1]:.3f}" for c in got) + " |")
+    return "\n".join(rows)
+
+
 def _diff_se(ev: dict, a: tuple[str, str, str], b: tuple[str, str, str]) -> float:
     """Standard error of the difference of two scores ((variant, tag, steps) keys; independent samples)."""
     return math.hypot(_se(ev[a]), _se(ev[b]))
@@ -316,6 +345,11 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
         f"### Inference diagnostics: guidance ω and DDIM η (the final scores use ω = {cfg.get('guidance', '?')}, "
         f"η = {cfg.get('eta', '?')})", "", inference_table(ev, "w"), "",
     ]
+    table = paired_table(data["evals"])
+    if table:
+        lines += ["### Inference settings against the default, paired by training seed", "",
+                  "Each seed's score with the setting minus the same model's default score (same prompts and "
+                  "noise), mean ± SE over the seeds: the model-to-model spread cancels.", "", table, ""]
     for v in variants:
         lines += [f"### Per task: {labels[v][0]} (final)", "", per_task(ev, v), ""]
     lines += ["### Wall times", "", "| run (variant@seed) | training (s) | whole job (s) | MLflow run | registered |",

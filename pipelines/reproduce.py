@@ -13,8 +13,8 @@ first seed. Each kept checkpoint is scored with GenEval-lite at 1/2/4/8 steps, t
 seed and the small-gap ablation), guidance and eta (the first seed; DDIM at the default guidance on
 every seed). Results accumulate in ``<out>/<budget>/study.json``: a rerun skips what is done and
 resumes an interrupted training run. ``docs/results.md`` is regenerated between its ``generated``
-markers; text outside them is kept. Run it alone on the machine: each run records how busy the CPU was in the 3 s before it started, and the
-report shows the range.
+markers; text outside them is kept. Run it alone on the machine: each run records how busy the CPU
+was in the 3 s before it started, and the report shows the range.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python pipelines/reproduce.py                      # CPU budget: tiny model, 12000 steps per run (~50 min each
                                                        # on 2 cores): several invocations, each resumes
-    python pipelines/reproduce.py --budget gpu         # 64x64, ~30M parameters, one GPU
+    python pipelines/reproduce.py --budget gpu         # 64x64, 71M parameters, one GPU
     python pipelines/reproduce.py --variants self_e,flow_matching --seeds 0 --train.steps=400
 
 Every variant is trained by the real job (``selfe.train.job.run_training``: Ray Train, MLflow run,

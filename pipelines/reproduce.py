@@ -65,14 +65,14 @@ LANDED = ("self_e", "small_gap")
 DIAGNOSED = ("self_e", "flow_matching")
 
 
-def sampler_diagnostics(cfg, first_seed: bool = True) -> list[tuple[float, float]]:
+def sampler_diagnostics(cfg, full_grid: bool = True) -> list[tuple[float, float]]:
     """(guidance omega, eta) beside the config's own (the final scores): what the method leaves to
-    inference. On the first seed: other guidances at eta = 1, and deterministic DDIM (eta = 0) at the
-    default guidance and at 5 (the default before docs/recipe.md moved it). On every other seed only DDIM
-    at the default guidance, the one change of default a single seed suggested: paired over seeds it
-    can be judged."""
+    inference. ``full_grid`` (the first seed): other guidances at eta = 1, and deterministic DDIM (eta = 0)
+    at the default guidance and at 5 (the default before docs/recipe.md moved it). Otherwise (every other
+    seed) only DDIM at the default guidance, the one change of default a single seed suggested: paired
+    over seeds it can be judged."""
     omega0 = cfg.sampler.guidance
-    grid = [(w, 1.0) for w in (1.0, 3.0, 5.0)] + [(omega0, 0.0), (5.0, 0.0)] if first_seed else [(omega0, 0.0)]
+    grid = [(w, 1.0) for w in (1.0, 3.0, 5.0)] + [(omega0, 0.0), (5.0, 0.0)] if full_grid else [(omega0, 0.0)]
     return [g for g in dict.fromkeys(grid) if g != (omega0, cfg.sampler.eta)]
 
 

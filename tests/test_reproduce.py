@@ -38,6 +38,6 @@ def test_sampler_diagnostics_sit_beside_the_configs_own_sampler(tmp_path: Path) 
     cfg.sampler.guidance = 5.0  # a config whose default is one of the grid's points is not scored twice
     assert sampler_diagnostics(cfg) == [(1.0, 1.0), (3.0, 1.0), (5.0, 0.0)]
     cfg.sampler.guidance = 2.0  # later seeds: only DDIM at the default guidance, to be paired over seeds
-    assert sampler_diagnostics(cfg, first_seed=False) == [(2.0, 0.0)]
+    assert sampler_diagnostics(cfg, full_grid=False) == [(2.0, 0.0)]
     cfg.sampler.eta = 0.0  # ... and nothing when DDIM is already the default
-    assert sampler_diagnostics(cfg, first_seed=False) == []
+    assert sampler_diagnostics(cfg, full_grid=False) == []

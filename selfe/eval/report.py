@@ -33,8 +33,13 @@ def merge_seeds(summaries: list[dict]) -> dict:
     return {**summaries[0], "overall": mean, "seeds": k,
             "per_task": {t: sum(s["per_task"][t] for s in summaries) / k for t in summaries[0]["per_task"]},
             "heldout": sum(held) / len(held) if held else None,
-            "se_seeds": statistics.stdev(overall) / math.sqrt(k) if k > 1 else None,
+            "se_seeds": _se_of_mean(overall) if k > 1 else None,
             "se_binomial": math.sqrt(mean * (1 - mean) / images) if images else None}
+
+
+def _se_of_mean(values: list[float]) -> float:
+    """Standard error of the mean of independent draws (two or more)."""
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def merged_evals(data: dict) -> dict[tuple[str, str, str], dict]:
@@ -150,32 +155,25 @@ def inference_table(ev: dict, prefix: str, default: str | None = None) -> str:
     return "\n".join(rows)
 
 
-def paired(evals: dict, variant: str, tag: str, steps) -> tuple[float, float, int] | None:
-    """Mean ± SE over seeds of each seed's (``tag`` − final) score: the same model and evaluation noise
-    on both sides, so the seed-to-seed spread of the model cancels. None below two seeds."""
-    runs = {k.split("|")[0] for k in evals if run_variant(k.split("|")[0]) == variant}
-    diffs = [evals[f"{r}|{tag}|{steps}"]["overall"] - evals[f"{r}|final|{steps}"]["overall"] for r in sorted(runs)
-             if f"{r}|{tag}|{steps}" in evals and f"{r}|final|{steps}" in evals]
-    if len(diffs) < 2:
-        return None
-    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
-
-
 def paired_table(evals: dict, prefixes: tuple[str, ...] = ("landing-", "w")) -> str:
-    """Every inference setting scored on several seeds, as its paired difference from the default."""
-    keys = {(run_variant(r), tag, n) for r, tag, n in (k.split("|") for k in evals)
-            if tag.startswith(prefixes) and n.isdigit()}
-    cells = {k: paired(evals, *k) for k in keys}
-    rows_of = sorted({(v, tag) for (v, tag, _), c in cells.items() if c is not None})
-    if not rows_of:
+    """Every inference setting scored on several seeds, as the mean ± SE over seeds of each seed's
+    (setting − default) score: the same model and evaluation noise on both sides, so the seed-to-seed
+    spread of the model cancels. Settings with one seed get no cell."""
+    diffs: dict[tuple[str, str, str], list[float]] = {}
+    for key, s in sorted(evals.items()):
+        run, tag, n = key.split("|")
+        default = evals.get(f"{run}|final|{n}")
+        if tag.startswith(prefixes) and default is not None:
+            diffs.setdefault((run_variant(run), tag, n), []).append(s["overall"] - default["overall"])
+    cells = {k: d for k, d in diffs.items() if len(d) >= 2}
+    if not cells:
         return ""
-    steps = sorted({int(n) for (v, tag, n), c in cells.items() if c is not None})
+    steps = sorted({int(n) for _, _, n in cells})
     rows = ["| method | setting | seeds | " + " | ".join(str(n) for n in steps) + " |", "|---|---|---|" + "---|" * len(steps)]
-    for v, tag in rows_of:
+    for v, tag in sorted({(v, tag) for v, tag, _ in cells}):
         got = [cells.get((v, tag, str(n))) for n in steps]
-        seeds = max(c[2] for c in got if c is not None)
-        rows.append(f"| {v} | {tag.removeprefix('landing-')} | {seeds} | "
-                    + " | ".join("—" if c is None else f"{c[0]:+.3f} ± {c[1]:.3f}" for c in got) + " |")
+        rows.append(f"| {v} | {tag.removeprefix('landing-')} | {max(len(d) for d in got if d)} | " + " | ".join(
+            "—" if d is None else f"{statistics.fmean(d):+.3f} ± {_se_of_mean(d):.3f}" for d in got) + " |")
     return "\n".join(rows)
 
 

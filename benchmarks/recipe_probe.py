@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in args.guidance or [cfg.sampler.guidance]:
         for eta in args.eta or [cfg.sampler.eta]:
             for s, r in evaluate_steps(gen, records, args.eval_steps, guidance=w, seed=cfg.eval.seed, eta=eta).items():
-                results[f"w{w:g}/eta{eta:g}/{s}"] = {
+                results[f"w{w:g}/eta{'auto' if eta is None else f'{eta:g}'}/{s}"] = {
                     "overall": r["overall"], "se": math.sqrt(r["overall"] * (1 - r["overall"]) / n),
                     "per_task": r["per_task"]}
     eval_s = time.perf_counter() - t1

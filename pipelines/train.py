@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--promote", action="store_true", help="also set the 'champion' alias on the new version")
     ap.add_argument("--out", default="outputs", help="local folder for the exported model, eval tables and grids")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's, MLflow's and the libraries' own output on the console too (default: in the "
+                         "run's log file only)")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -39,9 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.dump())
         return 0
+    from selfe.console import QuietConsole
+    from selfe.storage import ensure_ray
+    from selfe.train.job import default_run_name, run_training
+
+    cfg.train.run_name = cfg.train.run_name or default_run_name()
+    console = QuietConsole(os.path.join(args.out, "logs", f"{cfg.train.run_name}.log"), verbose=args.verbose)
+    if not args.verbose:
+        print(f"[selfe] run {cfg.train.run_name}; Ray's and the libraries' output: {console.log_path} "
+              "(--verbose shows it here)", flush=True)
     if os.environ.get("RAY_ADDRESS"):  # a cluster's driver: `ray job submit`, a RayJob, or a shell on the head
         print_job_locations(cfg)
-    from selfe.train.job import run_training
+    ensure_ray()
+    console.attach_ray()
 
     try:
         res = run_training(cfg, promote=args.promote, out_root=args.out)
@@ -53,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"steps:           {res.final_step} in {res.train_seconds:.0f} s of training")
     print(f"checkpoint:      {res.checkpoint_path}")
     print(f"model folder:    {res.model_dir}")
+    scores = [f"{steps}: {r['overall']:.3f}" + (f" +- {r['overall_se']:.3f}" if r.get("overall_se") is not None else "")
+              for steps, r in res.geneval.items() if isinstance(r, dict) and r.get("overall") is not None]
+    if scores:
+        print(f"GenEval-lite:    {'; '.join(scores)} (steps: overall +- SE)")
     if res.grid_path:
         print(f"sample grid:     {res.grid_path} (rows: steps {cfg.eval.steps}; prompts in samples.txt)")
     if res.mlflow_run_id:
@@ -61,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"registered:      models:/{cfg.tracking.registered_model}/{res.model_version} "
                   f"(alias @{cfg.tracking.alias}{', @champion' if args.promote or cfg.tracking.promote_champion else ''})")
         print(f"browse:          {mlflow_ui_hint(os.environ.get('MLFLOW_TRACKING_URI', ''))}")
+        if res.model_version is not None:
+            print(f"generate:        python pipelines/generate.py --model models:/{cfg.tracking.registered_model}@"
+                  f"{cfg.tracking.alias} --prompt \"a photo of a red circle\" --steps 2 --out red.png")
+    if not args.verbose:
+        print(f"log file:        {console.log_path}")
     if res.registration_error:
         print(f"NOT registered:  {res.registration_error}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ from selfe.encoders.image import ImageCodec, build_codec, tensor_to_images
 from selfe.encoders.text import TextEncoder
 from selfe.core.model import MMDiT, build_model
 from selfe.core.types import TextCond
-from selfe.core.sampling import randn_rows, resolve_landing, sample
+from selfe.core.sampling import randn_rows, resolve_sampler, sample
 
 WEIGHTS, CONFIG, INFO = "weights.safetensors", "config.toml", "model_info.json"
 TEXT_ENV, CODEC_ENV = "SELFE_TEXT_ENCODER", "SELFE_CODEC_PATH"
@@ -99,7 +99,7 @@ class ImageGenerator:
         for name, value in (("steps", steps), ("guidance", guidance), ("eta", eta), ("landing", landing)):
             if value is not None:
                 setattr(sc, name, value)
-        sc.landing = resolve_landing(sc.landing, self.cfg.objective.method)
+        sc = resolve_sampler(sc, self.cfg.objective.method)
         sc.validate()
         c = self.codec.channels
         out, nfe = [], 0

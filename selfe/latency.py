@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from selfe.config import Config
-from selfe.core.sampling import resolve_landing, sample
+from selfe.core.sampling import resolve_sampler, sample
 from selfe.core.types import TextCond
 
 
@@ -34,8 +34,7 @@ def time_sampling(model: nn.Module, cfg: Config, cond: TextCond, null: TextCond,
     selection). With guidance != 1 EP-CFG batches both branches in one forward: 2 NFE per step.
     ``dtype`` "bf16" runs under autocast, as the generator's caller would."""
     batch = cond.tokens.shape[0]
-    sc = replace(cfg.sampler, steps=steps, guidance=guidance,
-                 landing=resolve_landing(cfg.sampler.landing, cfg.objective.method))
+    sc = resolve_sampler(replace(cfg.sampler, guidance=guidance), cfg.objective.method, steps)
     times, nfe = [], 0
     for i in range(repeats + 1):
         g = torch.Generator(device).manual_seed(i)

@@ -27,7 +27,7 @@ from selfe.eval.geneval_lite import (
 from selfe.eval.prompts import (
     V1_HELDOUT_COUNTS,
     V1_TRAIN_COUNTS,
-    build_prompt_set_v1,
+    PROMPT_SETS,
     load_prompt_set,
     prompt_set_path,
     read_prompt_file,
@@ -88,12 +88,19 @@ def _mismatched(spec: dict) -> dict:
 # --- prompt set -------------------------------------------------------------------------------
 
 
-def test_committed_prompt_set_matches_its_builder(tmp_path: Path) -> None:
-    path = prompt_set_path("v1")
-    assert read_prompt_file(path) == build_prompt_set_v1()
-    write_prompt_file(tmp_path / "v1.jsonl", build_prompt_set_v1())
-    assert (tmp_path / "v1.jsonl").read_bytes() == path.read_bytes()
+@pytest.mark.parametrize("name", sorted(PROMPT_SETS))
+def test_committed_prompt_set_matches_its_builder(tmp_path: Path, name: str) -> None:
+    path = prompt_set_path(name)
+    assert read_prompt_file(path) == PROMPT_SETS[name]()
+    write_prompt_file(tmp_path / f"{name}.jsonl", PROMPT_SETS[name]())
+    assert (tmp_path / f"{name}.jsonl").read_bytes() == path.read_bytes()
     assert path.stat().st_size < 100_000
+
+
+def test_the_development_set_is_another_draw_of_the_same_tasks() -> None:
+    dev, v1 = load_prompt_set("dev"), _records()
+    assert Counter((r["task"], r["split"]) for r in dev) == Counter((r["task"], r["split"]) for r in v1)
+    assert sum(a["spec"] == b["spec"] for a, b in zip(dev, v1)) < len(v1) // 10  # not the report's scenes
 
 
 def test_prompt_set_contents() -> None:
@@ -110,7 +117,7 @@ def test_prompt_set_contents() -> None:
 
 
 def test_unknown_prompt_set_is_a_clear_error() -> None:
-    with pytest.raises(FileNotFoundError, match="available: \\['geneval_lite_v1.jsonl'\\]"):
+    with pytest.raises(FileNotFoundError, match="available: \\['geneval_lite_dev.jsonl', 'geneval_lite_v1.jsonl'\\]"):
         load_prompt_set("v9")
 
 

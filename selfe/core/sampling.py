@@ -3,7 +3,7 @@ energy-preserving CFG and the DDIM-eta update on the rectified-flow path."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,8 +26,9 @@ class SamplerConfig:
     """Number of steps N (1..1000); each costs one network evaluation per guidance branch."""
     guidance: float = 5.0
     """CFG scale omega; 1 disables guidance (one NFE per step)."""
-    eta: float = 1.0
-    """DDIM eta: 0 deterministic Euler, 1 the paper's stochastic default."""
+    eta: float | None = None
+    """DDIM eta: 0 deterministic Euler, 1 the paper's stochastic sampler; None (the default): the
+    measured per-step default of the model's training method (``STEP_ETA``, ``resolve_sampler``)."""
     landing: str = AUTO
     """Landing time s: "next" (t_{k+1}), "current" (t_k: flow matching), "midpoint", "hybrid" ("next" up
     to ``hybrid_max_steps`` steps, "current" above: at 50 steps the gaps t - s are 0.01-0.03, which
@@ -45,7 +46,7 @@ class SamplerConfig:
             raise ValueError(f"sampler.landing must be one of {(*LANDING_POLICIES, AUTO)}, got {self.landing!r}")
         if self.hybrid_max_steps < 1:
             raise ValueError(f"sampler.hybrid_max_steps must be >= 1, got {self.hybrid_max_steps}")
-        if self.eta < 0 or self.guidance < 0:
+        if (self.eta is not None and self.eta < 0) or self.guidance < 0:
             raise ValueError("sampler.eta and sampler.guidance must be >= 0")
 
 
@@ -62,6 +63,31 @@ def resolve_landing(landing: str, method: str) -> str:
     if landing != AUTO:
         return landing
     return "current" if method == "flow_matching" else "next"
+
+
+STEP_ETA: dict[str, tuple[tuple[int, float], ...]] = {
+    "self_e": ((4, 1.0), (MAX_STEPS, 0.0)),
+    "flow_matching": ((4, 1.0), (MAX_STEPS, 0.0)),
+}
+"""Per training method, ((most steps, eta), ...) in rising order: the first row whose bound is at least
+the step count gives the default eta. Chosen on the development prompt set (docs/recipe.md)."""
+
+
+def default_eta(steps: int, method: str) -> float:
+    """The per-step default eta of a model trained with ``method`` (``STEP_ETA``)."""
+    table = STEP_ETA["flow_matching" if method == "flow_matching" else "self_e"]
+    return next(eta for most, eta in table if steps <= most)
+
+
+def resolve_sampler(cfg: SamplerConfig, method: str, steps: int | None = None) -> SamplerConfig:
+    """A copy of ``cfg`` at ``steps`` (default: cfg.steps) with every automatic setting made concrete for
+    a model trained with ``method``: landing "auto" (``resolve_landing``) and eta None (``default_eta``).
+    What ``sample`` needs; explicit settings pass through."""
+    out = replace(cfg, steps=steps or cfg.steps)
+    out.landing = resolve_landing(out.landing, method)
+    if out.eta is None:
+        out.eta = default_eta(out.steps, method)
+    return out
 
 
 def step_policy(policy: str, steps: int, hybrid_max_steps: int) -> str:
@@ -148,6 +174,9 @@ def sample(
     counts network evaluations per image: steps, times two with guidance.
     """
     cfg.validate()
+    if cfg.eta is None:
+        raise ValueError("sampler.eta None (the per-step default) must be resolved for the model first: "
+                         "resolve_sampler(cfg, method)")
     b = noise.shape[0]
     null = null_cond.expand(b) if null_cond.tokens.shape[0] == 1 and b > 1 else null_cond
     grid = time_grid(cfg.steps, shift_mu).tolist()

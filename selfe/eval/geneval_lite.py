@@ -207,18 +207,33 @@ def score(image: np.ndarray, spec: dict) -> tuple[bool, str]:
     raise ValueError(f"unknown task {task!r} in spec; valid tasks are {TASKS}")
 
 
-def _accuracy_by_task(results: list[dict]) -> dict[str, float]:
+def _by_task(results: list[dict]) -> dict[str, list[bool]]:
     by_task: dict[str, list[bool]] = {}
     for result in results:
         by_task.setdefault(result["task"], []).append(result["correct"])
-    return {task: float(np.mean(by_task[task])) for task in TASKS if task in by_task}
+    return {task: by_task[task] for task in TASKS if task in by_task}
+
+
+def _accuracy_by_task(results: list[dict]) -> dict[str, float]:
+    return {task: float(np.mean(hits)) for task, hits in _by_task(results).items()}
+
+
+def overall_se(results: list[dict]) -> float | None:
+    """Binomial standard error of ``overall`` (the mean of T task accuracies p_t over n_t prompts):
+    sqrt(sum_t p_t (1 - p_t) / n_t) / T. None without results."""
+    by_task = _by_task(results)
+    if not by_task:
+        return None
+    var = sum(float(np.mean(h)) * (1 - float(np.mean(h))) / len(h) for h in by_task.values())
+    return var ** 0.5 / len(by_task)
 
 
 def evaluate(images: Sequence[np.ndarray], records: Sequence[dict]) -> tuple[list[dict], dict]:
     """Score ``images[i]`` against prompt-set record ``records[i]``.
 
     Returns per-image results (the record's fields plus ``correct`` and ``reason``) and a summary:
-    ``per_task`` accuracy and ``overall`` (mean of the task accuracies, as GenEval) over records
+    ``per_task`` accuracy and ``overall`` (mean of the task accuracies, as GenEval; ``overall_se`` its
+    binomial standard error) over records
     whose split is not "heldout", and ``heldout`` / ``heldout_per_task`` over the held-out ones
     (None / {} when there are none). ``overall`` averages only the tasks present.
     """
@@ -233,6 +248,7 @@ def evaluate(images: Sequence[np.ndarray], records: Sequence[dict]) -> tuple[lis
     per_task = _accuracy_by_task(in_distribution)
     summary = {
         "overall": float(np.mean(list(per_task.values()))) if per_task else None,
+        "overall_se": overall_se(in_distribution),
         "per_task": per_task,
         "heldout": float(np.mean([r["correct"] for r in heldout])) if heldout else None,
         "heldout_per_task": _accuracy_by_task(heldout),

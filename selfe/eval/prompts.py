@@ -5,6 +5,7 @@ with prompts in GenEval's exact templates. Sets are versioned: ``geneval_lite_v1
 by ``build_prompt_set_v1`` and committed; a test checks the two still agree, so a change to the
 shapes-world sampler that would silently change the benchmark fails instead (make a v2).
 
+``geneval_lite_dev.jsonl`` (``build_prompt_set_dev``) is a second draw for choosing defaults.
 Regenerate with ``python -m selfe.eval.prompts``.
 """
 
@@ -30,6 +31,7 @@ V1_TRAIN_COUNTS = {
 }
 V1_HELDOUT_COUNTS = {"colors": 20, "position": 20, "color_attr": 20}
 _V1_SEED = 20240601
+_DEV_SEED = 20261207
 _PROMPT_DIR = "prompts"
 
 
@@ -50,6 +52,18 @@ def _build_records(counts: dict[str, int], split: str, seed: int) -> list[dict]:
 def build_prompt_set_v1() -> list[dict]:
     """The v1 prompt set, deterministically: 340 in-distribution prompts, then 60 held-out ones."""
     return _build_records(V1_TRAIN_COUNTS, "train", _V1_SEED) + _build_records(V1_HELDOUT_COUNTS, "heldout", _V1_SEED)
+
+
+def build_prompt_set_dev() -> list[dict]:
+    """The development set: v1's tasks and counts drawn again with another seed. Sampler defaults are
+    chosen on it, so that they are not tuned to the v1 numbers the reports judge them by. The shapes
+    world is small, so some prompts recur in both sets (the same caption with other objects drawn)."""
+    return (_build_records(V1_TRAIN_COUNTS, "train", _DEV_SEED)
+            + _build_records(V1_HELDOUT_COUNTS, "heldout", _DEV_SEED))
+
+
+PROMPT_SETS = {"v1": build_prompt_set_v1, "dev": build_prompt_set_dev}
+"""Every committed set and its builder (tests check the two agree)."""
 
 
 def write_prompt_file(path: str | Path, records: list[dict]) -> None:
@@ -84,7 +98,8 @@ def load_prompt_set(name: str = "v1", split: str | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    target = Path(__file__).parent / _PROMPT_DIR / "geneval_lite_v1.jsonl"
-    target.parent.mkdir(exist_ok=True)
-    write_prompt_file(target, build_prompt_set_v1())
-    print(f"wrote {target}")
+    for name, build in PROMPT_SETS.items():
+        target = Path(__file__).parent / _PROMPT_DIR / f"geneval_lite_{name}.jsonl"
+        target.parent.mkdir(exist_ok=True)
+        write_prompt_file(target, build())
+        print(f"wrote {target}")

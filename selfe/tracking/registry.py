@@ -146,7 +146,8 @@ def model_signature(cfg: Config):
         ParamSpec("steps", DataType.long, sampler.steps),
         ParamSpec("guidance", DataType.double, float(sampler.guidance)),
         ParamSpec("seed", DataType.long, 0),
-        ParamSpec("eta", DataType.double, float(sampler.eta)),
+        # None: the sampler's per-step default for each request's step count (selfe.core.sampling.resolve_sampler).
+        ParamSpec("eta", DataType.double, None if sampler.eta is None else float(sampler.eta)),
         ParamSpec("landing", DataType.string, sampler.landing),
     ])
     side = cfg.data.resolution

@@ -21,7 +21,7 @@ from selfe.data.cache import build_cache, load_cache, read_null_text
 from selfe.data.contract import STRING_COLUMNS, latent_shape
 from selfe.storage import ensure_ray, train_storage
 from selfe.encoders.text import TextEncoder
-from selfe.eval.runner import evaluate_steps, select_prompts, steps_table
+from selfe.eval.runner import evaluate_steps, progress_line, select_prompts, steps_table
 from selfe.generator import ImageGenerator, save_model_dir
 from selfe.core.model import build_model
 from selfe.train.checkpoint import load_weights
@@ -227,11 +227,13 @@ def _untrained(cfg: Config, gen: ImageGenerator) -> ImageGenerator:
 def _geneval_table(cfg: Config, gen: ImageGenerator, out_dir: Path, cache_path: str) -> tuple[dict, list[str], str]:
     """GenEval-lite results {steps: summary}, the prompts, the markdown table."""
     records = select_prompts(cfg.eval.prompt_set, cfg.eval.max_prompts)
+    show = lambda label: lambda steps, summary: print(progress_line(label, steps, summary), flush=True)  # noqa: E731
     results = evaluate_steps(gen, records, cfg.eval.steps, seed=cfg.eval.seed, out_dir=out_dir / "eval",
-                             batch_size=cfg.eval.batch_size)
+                             batch_size=cfg.eval.batch_size, on_result=show("GenEval-lite"))
     if cfg.eval.untrained_reference:
         results["untrained@4"] = evaluate_steps(_untrained(cfg, gen), records, [4], seed=cfg.eval.seed,
-                                                batch_size=cfg.eval.batch_size)[4]
+                                                batch_size=cfg.eval.batch_size,
+                                                on_result=show("GenEval-lite, untrained model"))[4]
     return results, [r["prompt"] for r in records], steps_table(results)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -50,10 +51,24 @@ def apply_activation_checkpointing(model: MMDiT) -> None:
         block.forward = functools.wraps(inner)(forward)
 
 
+BLOCK_GRAPHS_LIMIT = 32
+"""Compiled graphs dynamo may keep per block class (its default, 8, is too few for a Self-E step)."""
+
+
 def compile_blocks(model: MMDiT, backend: str = "inductor") -> None:
     """``torch.compile`` each double/single block in place (``nn.Module.compile``): parameter names are
     unchanged, and under FSDP2 each compiled block is still one FSDP unit (torchtitan's per-block compile).
-    ``backend``: inductor in training; benchmarks may pick a cheaper one (aot_eager on CPU)."""
+    ``backend``: inductor in training; benchmarks may pick a cheaper one (aot_eager on CPU).
+
+    Dynamo keeps one cache per code object, shared by every instance of a block class, and a Self-E step
+    legitimately needs several entries per class: the online model with gradients, the online model
+    without (the unconditional self-evaluation pass) and the EMA (parameters without requires_grad),
+    each first at the one-row evaluation batch of the tau = 0 warm-up and then at a dynamic batch size,
+    plus the sampler's batches. That is 9 for ``DoubleStreamBlock`` on the tiny recipe: one over dynamo's
+    default limit of 8, after which the class ran eagerly for the rest of the run. The limit is raised
+    (process-wide) so that every variant is compiled once during warm-up and steady training recompiles
+    nothing (tests/test_compile.py counts it)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPHS_LIMIT)
     for block in _blocks(model):
         block.compile(backend=backend)
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from selfe.core.ema import ema_decay_at, make_ema
 from selfe.core.objective import SelfEObjective
-from selfe.core.sampling import SamplerConfig, resolve_landing, sample
+from selfe.core.sampling import resolve_sampler, sample
 from selfe.data.contract import batch_from_rows
 from selfe.data.loader import shard_batches
 from selfe.eval.metrics import METRIC_MODES, UNSCORED, periodic_metrics
@@ -33,6 +33,31 @@ from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInput
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train.resume import restore_first_usable
 from selfe.train.step import Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
+
+
+def node_threads(local_workers: int) -> int:
+    """torch threads for one of ``local_workers`` workers on this node: the node's CPUs as Ray counts
+    them (``ray start --num-cpus``, ``ray.init(num_cpus=...)``), split evenly, at least 1. Ray's count,
+    not the machine's, so a node limited to fewer CPUs than it has keeps to them."""
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    return max(1, int(cpus // max(local_workers, 1)))
+
+
+PRINT_EVERY_S = 30.0
+"""Least seconds between two progress lines on the console (MLflow gets every ``train.log_every``)."""
+
+
+def format_eta(seconds: float) -> str:
+    """12 s, 3m05s, 1h02m; "?" before the rate is known."""
+    if not seconds == seconds or seconds < 0:
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -49,8 +74,8 @@ class WorkerLoop:
         self.inputs = inputs
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        if cfg.train.threads_per_worker:
-            torch.set_num_threads(cfg.train.threads_per_worker)
+        self.threads = cfg.train.threads_per_worker or node_threads(ctx.get_local_world_size())
+        torch.set_num_threads(self.threads)
         use_cuda = cfg.train.use_gpu and torch.cuda.is_available()
         self.device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
         mp_dtype = mixed_precision_dtype(cfg.train.mixed_precision, self.device)
@@ -82,6 +107,7 @@ class WorkerLoop:
         # every report (``run_facts``): where a run's fixed cost goes (benchmarks/train_overhead.py).
         self.timeline: dict[str, float] = {}
         self.tracker = self._tracker()
+        self.printed = -PRINT_EVERY_S  # when the last progress line was printed (perf_counter)
 
     def _tracker(self):
         if self.rank != 0 or self.inputs.tracking is None:
@@ -108,6 +134,10 @@ class WorkerLoop:
         cfg = self.cfg
         shard = ray.train.get_dataset_shard("train")
         self.tr.model.train()
+        if self.rank == 0:
+            print(f"[selfe] training {cfg.train.steps} steps at batch {cfg.train.batch_size} on {self.world} "
+                  f"worker(s) x {self.threads} torch thread(s)"
+                  + (": compiling the blocks first (slow first steps)" if cfg.train.compile else ""), flush=True)
         while self.step < cfg.train.steps:
             seen, t_wait = 0, time.perf_counter()
             for raw in shard_batches(shard, self.per_worker, cfg.train.seed, self.epoch, self.rank,
@@ -166,9 +196,12 @@ class WorkerLoop:
             self.tracker.log_metrics({**metrics, **(self.fewstep if self.scored else {})}, step)
         if self.inputs.periodic_eval is not None:
             metrics.update(self.fewstep)
-        if do_log and self.rank == 0:
+        if do_log and self.rank == 0 and (last or time.perf_counter() - self.printed >= PRINT_EVERY_S):
+            self.printed = time.perf_counter()
+            rate = metrics.get("images_per_s", 0.0)
+            eta = (t.steps - step) * t.batch_size / rate if rate > 0 else float("nan")
             print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
-                  f"{metrics.get('images_per_s', 0):.1f} img/s", flush=True)
+                  f"{rate:.1f} img/s ETA {format_eta(eta)}", flush=True)
         if do_grid:
             self._log_grid(step)
         if do_ckpt:
@@ -226,8 +259,7 @@ class WorkerLoop:
         cond = prompts.cond.to(self.device)
         g = torch.Generator(self.device).manual_seed(cfg.eval.seed)
         noise = torch.randn((cond.tokens.shape[0], *self.inputs.latent_shape), generator=g, device=self.device)
-        sc = SamplerConfig(**{**vars(cfg.sampler), "steps": steps,
-                              "landing": resolve_landing(cfg.sampler.landing, cfg.objective.method)})
+        sc = resolve_sampler(cfg.sampler, cfg.objective.method, steps)
         x, _ = sample(self.tr.ema, noise, cond, self.null, sc, cfg.shift_mu(self.inputs.latent_shape[1:]), generator=g)
         return x.float().cpu().numpy()
 

@@ -66,13 +66,14 @@ DIAGNOSED = ("self_e", "flow_matching")
 
 
 def sampler_diagnostics(cfg, full_grid: bool = True) -> list[tuple[float, float]]:
-    """(guidance omega, eta) beside the config's own (the final scores): what the method leaves to
-    inference. ``full_grid`` (the first seed): other guidances at eta = 1, and deterministic DDIM (eta = 0)
-    at the default guidance and at 5 (the default before docs/recipe.md moved it). Otherwise (every other
-    seed) only DDIM at the default guidance, the one change of default a single seed suggested: paired
-    over seeds it can be judged."""
+    """(guidance omega, eta) beside the config's own (the final scores; eta None: the per-step defaults
+    of ``selfe.core.sampling.STEP_ETA``): what the method leaves to inference. Every seed: eta = 1 and
+    deterministic DDIM (eta = 0) at the default guidance, paired over seeds against the per-step defaults
+    (eta = 1 at every step count is the default the study ran with before them). ``full_grid`` (the first
+    seed) adds other guidances at eta = 1 and DDIM at 5 (the default before docs/recipe.md moved it)."""
     omega0 = cfg.sampler.guidance
-    grid = [(w, 1.0) for w in (1.0, 3.0, 5.0)] + [(omega0, 0.0), (5.0, 0.0)] if full_grid else [(omega0, 0.0)]
+    paired = [(omega0, 1.0), (omega0, 0.0)]
+    grid = [(w, 1.0) for w in (1.0, 3.0, 5.0)] + paired + [(5.0, 0.0)] if full_grid else paired
     return [g for g in dict.fromkeys(grid) if g != (omega0, cfg.sampler.eta)]
 
 
@@ -278,7 +279,8 @@ def config_summary(cfg) -> dict:
     """What the report states about a variant's run: size, budget, prompts and the sampler of its scores."""
     return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "params": _params(cfg),
             "resolution": cfg.data.resolution, "prompts": len(_records(cfg)), "guidance": cfg.sampler.guidance,
-            "eta": cfg.sampler.eta, "landing": resolve_landing(cfg.sampler.landing, cfg.objective.method)}
+            "eta": "per step" if cfg.sampler.eta is None else cfg.sampler.eta,
+            "landing": resolve_landing(cfg.sampler.landing, cfg.objective.method)}
 
 
 def wall_key(variants: list[str]) -> str:

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from selfe.cli import int_in
 from selfe.config import Config, load_config
 from selfe.configtools import ConfigError
 from selfe.paths import anchor_outputs
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--promote", action="store_true", help="also set the 'champion' alias on the new version")
     ap.add_argument("--out", default="outputs", help="local folder for the exported model, eval tables and grids")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--num-cpus", type=int_in(1), default=None,
+                    help="CPUs of the local Ray instance (default: all); the workers' torch threads follow it")
     ap.add_argument("--verbose", action="store_true",
                     help="show Ray's, MLflow's and the libraries' own output on the console too (default: in the "
                          "run's log file only)")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
               "(--verbose shows it here)", flush=True)
     if os.environ.get("RAY_ADDRESS"):  # a cluster's driver: `ray job submit`, a RayJob, or a shell on the head
         print_job_locations(cfg)
-    ensure_ray()
+    ensure_ray(args.num_cpus)
     console.attach_ray()
 
     try:

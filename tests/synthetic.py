@@ -45,6 +45,7 @@ def inputs(cfg, resolution: int = 16, **kw) -> WorkerInputs:
 TINY_OVERRIDES = [
     "--model.double_blocks=1", "--model.single_blocks=1", "--model.width=64", "--model.head_dim=16",
     "--train.batch_size=8", "--train.log_every=1", "--eval.steps=1", "--optim.warmup_steps=2",
+    "--train.compile=false",  # the tiny preset compiles: minutes of inductor for a few steps
 ]
 
 

@@ -102,7 +102,7 @@ def _status(address: str, job: str, env: dict) -> str:
 
 SMALL_RUN = ["--data.num_samples=32", "--model.double_blocks=1", "--model.single_blocks=1", "--model.width=64",
              "--model.head_dim=16", "--train.steps=2", "--train.batch_size=8", "--train.checkpoint_every=2",
-             "--eval.steps=1", "--eval.max_prompts=1", "--eval.untrained_reference=false"]
+             "--eval.steps=1", "--eval.max_prompts=1", "--eval.untrained_reference=false", "--train.compile=false"]
 
 
 def _submit(address: str, env: dict, job_id: str, runtime_env: dict, args: list[str]) -> tuple[str, str]:
@@ -194,6 +194,12 @@ def test_ray_job_submit_trains_and_registers_outside_the_working_dir_copy(cluste
     assert status == "SUCCEEDED", logs[-3000:]
     assert "selfe training finished" in logs
     assert "[selfe] step " in logs and " img/s" in logs  # rank 0's progress lines reach the job log
+    # ... once each, and Ray's own output stays in the run's log file under SELFE_HOME
+    steps = [line for line in logs.splitlines() if line.startswith("[selfe] step ")]
+    assert steps and len(steps) == len(set(steps)), steps
+    for noise in ("logging_progress", "PlacementGroupCleaner", "TrainingReport(", "RayTrainWorker pid="):
+        assert noise not in logs, (noise, logs[-3000:])
+    assert (home / "outputs" / "logs" / "submitted.log").is_file()
     # Printed before training: the dashboard this job is on and how to browse its MLflow runs.
     assert f"Ray dashboard:   {address} (Jobs tab: selfe-test-" in logs, logs[:3000]
     db = f"sqlite:///{home.resolve() / 'mlflow.db'}"

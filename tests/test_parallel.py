@@ -33,7 +33,7 @@ WORLD, STEPS, RES, TEXT = 2, 3, 8, 8
 TINY = ["--model.width=32", "--model.head_dim=16", "--model.double_blocks=1", "--model.single_blocks=1",
         "--model.patch_size=2", f"--model.text_width={TEXT}", f"--model.pooled_width={TEXT}",
         "--model.abs_pos_embed=false", "--optim.lr=1e-3", "--optim.warmup_steps=0", "--train.batch_size=8",
-        "--train.num_workers=2", f"--data.resolution={RES}"]
+        "--train.num_workers=2", f"--data.resolution={RES}", "--train.compile=false"]
 # name -> train overrides; every scenario runs STEPS steps on the same per-rank batches and seeds.
 SCENARIOS = {
     "fp32": [],

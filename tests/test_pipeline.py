@@ -22,7 +22,7 @@ TINY = [
     "--data.num_samples=48", "--model.double_blocks=1", "--model.single_blocks=1", "--model.width=64",
     "--model.head_dim=16", "--train.steps=4", "--train.batch_size=8", "--train.checkpoint_every=2",
     "--train.log_every=1", "--train.sample_every=4", "--optim.warmup_steps=2", "--eval.steps=1,2",
-    "--eval.max_prompts=1", "--eval.grid_prompts=3", "--text.max_tokens=16",
+    "--eval.max_prompts=1", "--eval.grid_prompts=3", "--text.max_tokens=16", "--train.compile=false",
 ]
 
 

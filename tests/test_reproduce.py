@@ -33,11 +33,12 @@ def test_a_study_resumed_in_another_run_order_keeps_one_wall_time_total() -> Non
 
 def test_sampler_diagnostics_sit_beside_the_configs_own_sampler(tmp_path: Path) -> None:
     cfg = variant_config("cpu", "self_e", [], 0, tmp_path)
-    assert (cfg.sampler.guidance, cfg.sampler.eta) == (2.0, 1.0)  # the CPU preset's: the final scores
-    assert sampler_diagnostics(cfg) == [(1.0, 1.0), (3.0, 1.0), (5.0, 1.0), (2.0, 0.0), (5.0, 0.0)]
-    cfg.sampler.guidance = 5.0  # a config whose default is one of the grid's points is not scored twice
+    # The CPU preset's guidance and the per-step eta defaults (None): the final scores.
+    assert (cfg.sampler.guidance, cfg.sampler.eta) == (2.0, None)
+    assert sampler_diagnostics(cfg) == [(1.0, 1.0), (3.0, 1.0), (5.0, 1.0), (2.0, 1.0), (2.0, 0.0), (5.0, 0.0)]
+    # later seeds: eta = 1 (the old default, an ablation row) and DDIM at the default guidance, paired
+    assert sampler_diagnostics(cfg, full_grid=False) == [(2.0, 1.0), (2.0, 0.0)]
+    cfg.sampler.eta = 0.0  # a fixed eta is not scored twice
+    assert sampler_diagnostics(cfg, full_grid=False) == [(2.0, 1.0)]
+    cfg.sampler.guidance, cfg.sampler.eta = 5.0, 1.0  # the grid's points that are the default: not twice
     assert sampler_diagnostics(cfg) == [(1.0, 1.0), (3.0, 1.0), (5.0, 0.0)]
-    cfg.sampler.guidance = 2.0  # later seeds: only DDIM at the default guidance, to be paired over seeds
-    assert sampler_diagnostics(cfg, full_grid=False) == [(2.0, 0.0)]
-    cfg.sampler.eta = 0.0  # ... and nothing when DDIM is already the default
-    assert sampler_diagnostics(cfg, full_grid=False) == []

@@ -5,7 +5,7 @@ import torch
 
 from selfe.core.types import TextCond
 from selfe.core.objective import time_shift_mu
-from selfe.core.sampling import SamplerConfig, guided_velocity, landing_time, sample, step_policy, time_grid
+from selfe.core.sampling import MAX_STEPS, SamplerConfig, guided_velocity, landing_time, sample, step_policy, time_grid
 from tests.analytic import Gaussian, PointMass
 
 
@@ -76,7 +76,7 @@ def test_energy_preserving_cfg_keeps_conditional_energy_and_batches_branches():
 def test_nfe_counts(steps, guidance, expected):
     counted = Counting(PointMass(torch.zeros(1, 3, 4, 4)))
     cond, null = _conds(2)
-    _, nfe = sample(counted, torch.randn(2, 3, 4, 4), cond, null, SamplerConfig(steps=steps, guidance=guidance, landing="next"))
+    _, nfe = sample(counted, torch.randn(2, 3, 4, 4), cond, null, SamplerConfig(steps=steps, guidance=guidance, eta=1.0, landing="next"))
     assert nfe == expected
     assert counted.rows == expected * 2  # batch of 2 images
 
@@ -134,7 +134,7 @@ def test_auto_landing_must_be_resolved_before_sampling():
     assert resolve_landing("midpoint", "flow_matching") == "midpoint"
     cond, null = _conds(1)
     with pytest.raises(ValueError, match="resolve_landing"):
-        sample(PointMass(torch.zeros(1, 3, 4, 4)), torch.randn(1, 3, 4, 4), cond, null, SamplerConfig(guidance=1.0))
+        sample(PointMass(torch.zeros(1, 3, 4, 4)), torch.randn(1, 3, 4, 4), cond, null, SamplerConfig(guidance=1.0, eta=1.0))
 
 
 def test_hybrid_landing_lands_next_for_few_steps_and_on_t_for_many():
@@ -152,7 +152,26 @@ def test_hybrid_landing_lands_next_for_few_steps_and_on_t_for_many():
     noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     for steps, gap_zero in ((2, False), (50, True)):
         seen.clear()
-        sample(net, noise, cond, null, SamplerConfig(steps=steps, guidance=1.0, landing="hybrid", hybrid_max_steps=8))
+        sample(net, noise, cond, null, SamplerConfig(steps=steps, guidance=1.0, eta=1.0, landing="hybrid", hybrid_max_steps=8))
         assert len(seen) == steps and all((g == 0) == gap_zero for g in seen)
     with pytest.raises(ValueError, match="hybrid_max_steps"):
         SamplerConfig(hybrid_max_steps=0).validate()
+
+
+def test_per_step_eta_defaults_follow_the_method_and_yield_to_an_explicit_eta():
+    from selfe.core.sampling import STEP_ETA, default_eta, resolve_sampler
+
+    for table in STEP_ETA.values():  # rising bounds that cover every step count
+        assert [most for most, _ in table] == sorted(most for most, _ in table) and table[-1][0] == MAX_STEPS
+    auto = SamplerConfig(guidance=2.0)
+    assert auto.eta is None
+    for method, landing in (("self_e", "next"), ("flow_matching", "current")):
+        for steps in (1, 2, 4, 8, 50, MAX_STEPS):
+            sc = resolve_sampler(auto, method, steps)
+            assert (sc.steps, sc.eta, sc.landing, sc.guidance) == (steps, default_eta(steps, method), landing, 2.0)
+    assert resolve_sampler(SamplerConfig(eta=0.3, landing="midpoint"), "self_e", 50).eta == 0.3  # explicit wins
+    assert auto.eta is None and auto.landing == "auto"  # resolving copies
+    cond, null = _conds(1)
+    with pytest.raises(ValueError, match="resolve_sampler"):
+        sample(PointMass(torch.zeros(1, 3, 4, 4)), torch.randn(1, 3, 4, 4), cond, null,
+               SamplerConfig(guidance=1.0, landing="next"))

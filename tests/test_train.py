@@ -43,6 +43,8 @@ def test_two_workers_shard_every_parameter(tmp_path):
     assert result.metrics["step"] == 3
     # rank 0 stores about half of every parameter (dim-0 shards, rounded up)
     assert 0.45 <= result.metrics["param_fraction"] <= 0.6
+    # train.threads_per_worker = 0: the node's 2 CPUs (as Ray counts them) split between its 2 workers
+    assert result.metrics["torch_threads"] == 1
     # The start-up timeline (benchmarks/train_overhead.py's breakdown) arrives in order with the last report.
     marks = [result.metrics[f"t_{k}"] for k in ("worker_start", "model_ready", "first_step", "checkpoint_start",
                                                  "checkpoint_saved")]
@@ -136,3 +138,4 @@ def test_an_autoencoder_kl_run_logs_tokens_per_second_and_mfu(tmp_path):
     flops = train_flops_per_image(cfg.model, 64, cfg.text.max_tokens, cfg.objective.method, cfg.objective.p_s_equals_t)
     assert m["tflops_per_s"] == pytest.approx(flops * 8 / m["compute_s"] / 1e12, rel=1e-6)  # batch 8, one step
     assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.5) and m["mfu"] > 0
+    assert m["torch_threads"] == 2  # one worker on a node Ray gives 2 CPUs uses both

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfe.config import load_config
-from selfe.core.sampling import SamplerConfig, resolve_landing, sample
+from selfe.core.sampling import SamplerConfig, resolve_sampler, sample
 from selfe.core.types import Batch, TextCond
 from selfe.train.local import train_local
 
@@ -26,7 +26,7 @@ def test_reference_loop_learns_class_colours(method):
     cfg = load_config(overrides=[
         f"--objective.method={method}", "--model.width=64", "--model.head_dim=16", "--model.double_blocks=1",
         "--model.single_blocks=1", "--model.patch_size=2", "--model.text_width=8", "--model.pooled_width=8",
-        "--optim.warmup_steps=10", "--optim.lr=2e-3", "--ema.decay=0.9", "--train.steps=100", "--data.resolution=8",
+        "--optim.warmup_steps=10", "--optim.lr=2e-3", "--ema.decay=0.9", "--train.steps=100", "--data.resolution=8", "--train.compile=false",
     ])
     null = TextCond(torch.zeros(1, 4, 8), torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 8))
     model, ema, history = train_local(cfg, _batches(), null, cfg.model.num_tokens(8, 8))
@@ -37,7 +37,7 @@ def test_reference_loop_learns_class_colours(method):
     # two-step samples of the EMA model are the right colour for each class
     test = next(_batches(batch=12, seed=1))
     out, _ = sample(ema, torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(2)), test.cond, null,
-                    SamplerConfig(steps=2, guidance=2.0, landing=resolve_landing("auto", method)),
+                    resolve_sampler(SamplerConfig(guidance=2.0), method, 2),
                     cfg.shift_mu((8, 8)))
     predicted = out.mean(dim=(2, 3)).argmax(dim=1)
     expected = test.x0.mean(dim=(2, 3)).argmax(dim=1)

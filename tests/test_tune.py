@@ -30,6 +30,7 @@ TINY_BASE = """
 "train.checkpoint_every" = 6
 "train.eval_every" = 3
 "train.cpus_per_worker" = 0.5
+"train.compile" = false
 "optim.warmup_steps" = 2
 "eval.periodic_per_task" = 1
 "eval.periodic_steps" = [1]

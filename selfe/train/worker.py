@@ -199,7 +199,8 @@ class WorkerLoop:
         if do_log and self.rank == 0 and (last or time.perf_counter() - self.printed >= PRINT_EVERY_S):
             self.printed = time.perf_counter()
             rate = metrics.get("images_per_s", 0.0)
-            eta = (t.steps - step) * t.batch_size / rate if rate > 0 else float("nan")
+            # The first window's rate includes start-up and compiling: no ETA from it.
+            eta = (t.steps - step) * t.batch_size / rate if rate > 0 and step > t.log_every else float("nan")
             print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
                   f"{rate:.1f} img/s ETA {format_eta(eta)}", flush=True)
         if do_grid:
@@ -234,7 +235,8 @@ class WorkerLoop:
         elapsed = time.perf_counter() - w["start"]
         out = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         out.update(
-            param_fraction=self.param_fraction, images_per_s=w["images"] / max(elapsed, 1e-9),
+            param_fraction=self.param_fraction, torch_threads=self.threads,
+            images_per_s=w["images"] / max(elapsed, 1e-9),
             data_wait_s=w["data_s"], compute_s=w["compute_s"],
             data_wait_frac=w["data_s"] / max(w["data_s"] + w["compute_s"], 1e-9),
             peak_mem_gb=_peak_memory_gb(self.device),

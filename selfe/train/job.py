@@ -17,6 +17,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from selfe.config import Config
+from selfe.configtools import ConfigError
 from selfe.data.cache import build_cache, load_cache, read_null_text
 from selfe.data.contract import STRING_COLUMNS, latent_shape
 from selfe.storage import ensure_ray, train_storage
@@ -146,12 +147,29 @@ def export_model(cfg: Config, checkpoint: ray.train.Checkpoint, out_dir: Path) -
     return model, progress["step"]
 
 
+INGEST_READ_CPUS = 1.0
+"""What the training ingest's read task asks for (``ray.data.read_parquet``'s file listing: 1 CPU)."""
+
+
+def check_worker_cpus(cfg: Config, cluster_cpus: float) -> None:
+    """Refuse a run whose workers would hold the CPUs the training ingest's read task needs: Ray
+    would wait for them forever (a 1-CPU local Ray with the default 1-CPU worker hung silently)."""
+    held = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if held + INGEST_READ_CPUS > cluster_cpus:
+        raise ConfigError(
+            f"train.num_workers={cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker:g} "
+            f"CPUs plus {INGEST_READ_CPUS:g} for Ray Data's read task need {held + INGEST_READ_CPUS:g} CPUs, but "
+            f"the Ray cluster has {cluster_cpus:g}: lower train.cpus_per_worker (fractions are fine) or give "
+            "Ray more CPUs (--num-cpus, or add nodes)")
+
+
 def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") -> JobResult:
     """The whole job. Prints where the samples, the MLflow run and the model are."""
     run_name = cfg.train.run_name or default_run_name()
     cfg.train.run_name = run_name
     cfg.eval.require_networks(cfg.data.source)  # before hours of training, not after
     ensure_ray()
+    check_worker_cpus(cfg, ray.cluster_resources().get("CPU", 0.0))
     cache_path, manifest = build_cache(cfg)
     text = TextEncoder(cfg.text)
     mlflow_run_id = _mlflow_run(cfg, run_name)

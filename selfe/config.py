@@ -284,7 +284,9 @@ class Config:
 PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # CPU: 32x32 images; the model works on 16x16 average-pooled pixels with 2x2 patches (64 tokens)
     # and decoding upsamples bilinearly (the round trip keeps GenEval-lite's ground truth at 1.000).
-    # 1800 steps fill the 15-minute default job (cache and evaluation included).
+    # 9000 compiled steps fill a ~20-minute default job on 2 cores (cache and evaluation included) and
+    # draw shapes from 2 steps on; 20 prompts per task and split make the table's SE ~0.035
+    # (docs/recipe.md, "A default run that draws").
     # The recipe is docs/recipe.md's: half-resolution pixels (flow matching 0.625 vs 0.350 at 50 steps
     # after 40 minutes), absolute positions (coherent objects instead of scattered tiles), batch 16
     # (twice the updates per image), guidance 2 (5 scored lower at 2 and 50 steps).

@@ -107,3 +107,16 @@ def test_a_prompt_longer_than_the_encoder_limit_is_truncated_with_a_warning():
     gen = ImageGenerator(build_model(cfg.model), cfg)
     with pytest.warns(UserWarning, match="prompt truncated to the text encoder's 8 tokens"):
         gen.encode_prompts(["a photo of a red circle to the left of a blue square and a green triangle"])
+
+
+def test_workers_that_would_starve_the_ingest_read_task_are_refused_before_work():
+    """A 1-CPU local Ray (`--num-cpus 1`) with the default 1-CPU worker hung: the ingest's read task
+    never got a CPU. It is refused with the fix in the message; a fractional worker fits."""
+    from selfe.train.job import check_worker_cpus
+
+    with pytest.raises(ConfigError, match=r"need 2 CPUs, but the Ray cluster has 1: lower train.cpus_per_worker"):
+        check_worker_cpus(load_config(), 1.0)
+    check_worker_cpus(load_config(), 2.0)
+    check_worker_cpus(load_config(overrides=["--train.num_workers=2", "--train.cpus_per_worker=0.5"]), 2.0)
+    with pytest.raises(ConfigError, match="need 3 CPUs"):
+        check_worker_cpus(load_config(overrides=["--train.num_workers=2"]), 2.0)

@@ -40,7 +40,6 @@ class QuietConsole:
     def __init__(self, log_path: str | Path, verbose: bool = False) -> None:
         self.log_path = Path(log_path)
         self.verbose = verbose
-        self.console: TextIO = sys.stderr
         self.log: TextIO | None = None
         if verbose:
             return
@@ -53,8 +52,7 @@ class QuietConsole:
         sys.stderr.flush()
         console_fd = os.dup(2)
         os.dup2(self.log.fileno(), 2)
-        self.console = sys.stderr = open(console_fd, "w", buffering=1, encoding="utf-8", errors="replace",
-                                          closefd=True)
+        sys.stderr = open(console_fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=True)
         logging.captureWarnings(True)
         self._handler = logging.StreamHandler(self.log)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

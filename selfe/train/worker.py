@@ -197,10 +197,10 @@ class WorkerLoop:
         if self.inputs.periodic_eval is not None:
             metrics.update(self.fewstep)
         if do_log and self.rank == 0 and (last or time.perf_counter() - self.printed >= PRINT_EVERY_S):
-            self.printed = time.perf_counter()
+            # This process's first window includes start-up and compiling (a resume too): no ETA from it.
+            first, self.printed = self.printed < 0, time.perf_counter()
             rate = metrics.get("images_per_s", 0.0)
-            # The first window's rate includes start-up and compiling: no ETA from it.
-            eta = (t.steps - step) * t.batch_size / rate if rate > 0 and step > t.log_every else float("nan")
+            eta = (t.steps - step) * t.batch_size / rate if rate > 0 and not first else float("nan")
             print(f"[selfe] step {step}/{t.steps} loss {metrics.get('loss', float('nan')):.4f} "
                   f"{rate:.1f} img/s ETA {format_eta(eta)}", flush=True)
         if do_grid:

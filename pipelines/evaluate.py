@@ -16,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from selfe.cli import OneLineParser, add_device_argument, fail, finite_float, int_in, load_model_or_fail, model_ref
+from selfe.cli import (
+    OneLineParser, add_device_argument, fail, finite_float, int_in, load_model_or_fail, model_ref, unwritable,
+)
 from selfe.core.sampling import MAX_STEPS
 
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: eval.num_images)")
     args = ap.parse_args(argv)
 
+    if problem := unwritable(args.out):
+        return fail(problem)
     from selfe.configtools import ConfigError
     from selfe.eval.metrics import suite_metrics
 

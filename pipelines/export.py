@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from selfe.cli import OneLineParser, fail, load_model_or_fail, model_ref
+from selfe.cli import OneLineParser, fail, load_model_or_fail, model_ref, unwritable
 
 FORMATS = ("diffusers",)
 
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return fail(f"--out {out} exists and is not an empty folder; choose a new path")
+    if problem := unwritable(out):
+        return fail(problem)
     # Export on the CPU: the written weights are float32 whatever the device, and no GPU is needed.
     gen = load_model_or_fail(args.model, args.tracking_uri, device="cpu")
     if gen is None:

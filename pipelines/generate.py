@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from selfe.cli import OneLineParser, add_device_argument, finite_float, int_in, load_model_or_fail, model_ref, utf8_text
+from selfe.cli import (
+    OneLineParser, add_device_argument, fail, finite_float, int_in, load_model_or_fail, model_ref, unwritable, utf8_text,
+)
 from selfe.core.sampling import MAX_STEPS
 
 
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     add_device_argument(ap)
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir():
+        return fail(f"--out {out} is a folder; give the path of the PNG to write, e.g. {out / 'image.png'}")
+    if problem := unwritable(out.parent):
+        return fail(problem)
 
     from selfe.tracking import grid_image, png_bytes
 
@@ -41,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if gen is None:
         return 2
     prompts = [p for p in args.prompt for _ in range(args.num)]
-    images, nfe = gen.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, eta=args.eta,
-                               landing=args.landing)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(record=True) as notes:  # e.g. a prompt longer than the text encoder reads
+        warnings.simplefilter("always", UserWarning)
+        images, nfe = gen.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, eta=args.eta,
+                                   landing=args.landing)
+    for note in dict.fromkeys(str(n.message) for n in notes if issubclass(n.category, UserWarning)):
+        print(f"note: {note}", file=sys.stderr)
     out.write_bytes(png_bytes(grid_image({0: np.asarray(images)}) if len(images) > 1 else images[0], scale=args.scale))
     print(f"wrote {out}: {len(images)} image(s), {args.steps} steps, {nfe} NFE per image")
     return 0

@@ -19,17 +19,18 @@ import argparse
 import sys
 import time
 
+from selfe.cli import OneLineParser, fail, int_in, unwritable
 from selfe.config import load_config
 from selfe.configtools import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="TOML config file")
     ap.add_argument("--source", help='"shapes", a folder, or an s3:// prefix (sets data.source)')
     ap.add_argument("--out", help="cache root, local or s3:// (sets data.cache_root)")
     ap.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")
-    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--num-cpus", type=int_in(1), default=None, help="CPUs of the local Ray instance (default: all)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = ap.parse_known_args(argv)
     if args.source:
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.dump())
         return 0
+    if problem := unwritable(cfg.data.cache_root, "data.cache_root (--out)", cfg.data.s3_endpoint):
+        return fail(problem)
 
     from selfe.data.cache import build_cache
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         path, manifest = build_cache(cfg, force=args.force, num_cpus=args.num_cpus)
     except (ConfigError, FileNotFoundError, PermissionError, ConnectionError) as e:
         print(f"preprocess failed: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"cache: {path} ({manifest['rows']} rows; {time.perf_counter() - start:.1f} s in total)")
     return 0
 

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from selfe.cli import fail, unwritable
 from selfe.config import load_config
 from selfe.core.sampling import resolve_landing
 from selfe.configtools import ConfigError
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    for folder, setting in ((args.out, "--out"), (str(Path(args.report).parent), "--report (its folder)")):
+        if problem := unwritable(folder, setting):
+            return fail(problem)
     out = Path(args.out) / args.budget
     study = Study(out / "study.json")
     study.data["budget"] = args.budget

@@ -14,18 +14,21 @@ Every ``--section.field=value`` overrides the config; unknown keys fail before a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import traceback
 
-from selfe.cli import int_in
+from selfe.cli import OneLineParser, int_in
 from selfe.config import Config, load_config
 from selfe.configtools import ConfigError
-from selfe.paths import anchor_outputs
+from selfe.paths import anchor_outputs, check_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="TOML config file (see configs/)")
     ap.add_argument("--promote", action="store_true", help="also set the 'champion' alias on the new version")
     ap.add_argument("--out", default="outputs", help="local folder for the exported model, eval tables and grids")
@@ -45,11 +48,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.dump())
         return 0
-    from selfe.console import QuietConsole
-    from selfe.storage import ensure_ray
-    from selfe.train.job import default_run_name, run_training
+    from selfe.train.job import TrainingFailed, default_run_name, own_run
+    from selfe.train.owner import RunInUseError
 
     cfg.train.run_name = cfg.train.run_name or default_run_name()
+    try:
+        check_outputs(cfg, args.out)  # before anything is computed that they would hold
+        with own_run(cfg, cfg.train.run_name), stop_on_sigterm():
+            return train(cfg, args)
+    except ConfigError as e:  # also found once Ray is up (e.g. workers that would starve the read tasks)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except RunInUseError as e:
+        print(f"run in use: {e}", file=sys.stderr)
+        return 2
+    except TrainingFailed as e:
+        print(f"training failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"\nstopped{f' ({e})' if str(e) else ''}; rerun with --train.run_name={cfg.train.run_name} to resume "
+              "from its last checkpoint", file=sys.stderr)
+        return 130
+
+
+class JobStopped(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a Kubernetes pod's end): handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into ``JobStopped`` for the block, so that the job ends its MLflow run (KILLED) and
+    releases its run name instead of vanishing mid-step (Ray's job supervisor sends SIGKILL 3 s later)."""
+    def stop(signum, frame):
+        raise JobStopped("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: Config, args: argparse.Namespace) -> int:
+    """Ray, the training job and its summary (the run name is claimed and the outputs are writable)."""
+    from selfe.console import QuietConsole
+    from selfe.storage import ensure_ray
+    from selfe.train.job import run_training
+
     console = QuietConsole(os.path.join(args.out, "logs", f"{cfg.train.run_name}.log"), verbose=args.verbose)
     if not args.verbose:
         print(f"[selfe] run {cfg.train.run_name}; Ray's and the libraries' output: {console.log_path} "
@@ -58,12 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print_job_locations(cfg)
     ensure_ray(args.num_cpus)
     console.attach_ray()
-
     try:
         res = run_training(cfg, promote=args.promote, out_root=args.out)
-    except ConfigError as e:  # found once Ray is up (e.g. an encoder pool that would starve the read tasks)
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except TrainingFailed:
+        traceback.print_exc(file=console.log)
+        raise
     print("\n=== selfe training finished ===")
     print(f"run name:        {res.run_name} (re-run with --train.run_name={res.run_name} to resume)")
     print(f"steps:           {res.final_step} in {res.train_seconds:.0f} s of training")

@@ -28,6 +28,18 @@ def fail(message: str) -> int:
     return 2
 
 
+def unwritable(folder: str | Path, setting: str = "--out", endpoint: str = "") -> str | None:
+    """None when ``folder`` (local or s3://) can be written (it is created if missing), else the
+    one-line problem naming ``setting``: checked before a model is loaded or an image sampled."""
+    from selfe.storage import NotWritable, check_writable
+
+    try:
+        check_writable(str(folder), setting, endpoint)
+    except NotWritable as e:
+        return str(e)
+    return None
+
+
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
     """argparse type: an integer in [low, high]."""
 
@@ -120,6 +132,9 @@ def load_model_or_fail(ref: str, tracking_uri: str | None = None, device: str = 
 
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per encoder is noise on a one-shot command
     uri = resolve_tracking_uri()
     if not Path(ref).is_dir() and (problem := missing_sqlite_store(uri)):
         fail(problem)

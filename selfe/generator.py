@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from selfe.config import Config, load_config
@@ -78,8 +79,11 @@ class ImageGenerator:
         """Embed prompts; one longer than the encoder's ``max_tokens`` is cut, with a warning."""
         for prompt, cut in zip(prompts, self.text.truncated(prompts).tolist()):
             if cut:
+                tokens, chars = self.text.read_extent(prompt)
                 warnings.warn(f"prompt truncated to the text encoder's {self.text.max_tokens} tokens "
-                              f"(text.max_tokens): {prompt[:60]!r}...", stacklevel=2)
+                              f"(text.max_tokens): the model reads {chars} of its {len(prompt)} characters "
+                              f"({self.text.max_tokens} of {tokens} tokens), up to ...{prompt[max(chars - 40, 0):chars]!r}",
+                              stacklevel=2)
         return self.text.encode(list(prompts))
 
     @torch.no_grad()
@@ -152,6 +156,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", text_en
 
     Raises:
         FileNotFoundError: ``path`` is not a folder written by ``save_model_dir``.
+        ValueError: its weights file is not safetensors, or holds another model's tensors.
         EncoderUnavailable: an encoder could not be loaded; the message says how to point at a copy.
     """
     path = Path(path)
@@ -161,7 +166,12 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", text_en
     cfg = load_config(path / CONFIG)
     cfg.text.name, cfg.codec.path = encoder_locations(path, cfg, text_encoder, codec_path)
     model = build_model(cfg.model, "cpu")
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except (SafetensorError, RuntimeError) as e:  # not safetensors at all / tensors of another model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{path / WEIGHTS} is not this model's weights ({first}); the folder is damaged or "
+                         f"mixed up: export it again (the training job's model folder, or pipelines/export.py)") from None
     try:  # the codec first: an unreachable VAE is reported without loading the text encoder
         codec = build_codec(cfg.codec, device=device)
     except (OSError, RuntimeError, ImportError) as e:

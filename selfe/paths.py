@@ -64,3 +64,39 @@ def anchor_outputs(cfg: Config, out: str) -> str:
             f"values for: {', '.join(named)}"
         )
     return out
+
+
+def tracking_folder(uri: str) -> str | None:
+    """The local folder a tracking URI writes to (a SQLite file's folder, a file store), else None
+    (a server, a database: reached, not written as files)."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent)
+    if uri.startswith("file:"):
+        return uri.removeprefix("file://").removeprefix("file:")
+    if "://" not in uri:
+        return uri
+    return None
+
+
+def check_outputs(cfg: Config, out: str | None = None, storage_setting: str = "train.storage_path") -> None:
+    """Every place a training job writes (``out``, ``train.storage_path`` (named ``storage_setting``
+    in the message), ``data.cache_root`` and the MLflow store's folder), checked for writing before
+    any work starts.
+
+    Raises:
+        ConfigError: one line naming the setting that cannot be written and why.
+    """
+    from selfe.storage import NotWritable, check_writable
+
+    places = [(out, "--out")] if out is not None else []
+    places += [(cfg.train.storage_path, storage_setting), (cfg.data.cache_root, "data.cache_root")]
+    if cfg.tracking.enabled:
+        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+        folder = tracking_folder(uri)
+        if folder is not None:
+            places.append((folder or ".", "tracking.tracking_uri (its folder)"))
+    for location, setting in places:
+        try:
+            check_writable(location, setting, cfg.data.s3_endpoint)
+        except NotWritable as e:
+            raise ConfigError(str(e)) from None

@@ -4,6 +4,7 @@
   pyarrow filesystem for a path and boto3 clients. Credentials are never stored: each process
   resolves them through the AWS chain of its own node (environment, profile, instance role).
 - Ray Train's storage path for checkpoints.
+- Whether an output location can be written, checked before any work (``check_writable``).
 - Ray itself: join the cluster when there is one, else start a local instance.
 """
 
@@ -65,6 +66,58 @@ def train_storage(storage_path: str, endpoint: str = "", resolve_uri: bool = Fal
         fs, path = pafs.FileSystem.from_uri(storage_path)
         return path.rstrip("/"), fs
     return storage_path, None
+
+
+class NotWritable(ValueError):
+    """An output location this process cannot write; the message names the setting and the fix."""
+
+
+def check_writable(location: str, setting: str, endpoint: str = "") -> None:
+    """Fail now, naming ``setting``, when the folder ``location`` (local or ``s3://``) cannot be
+    written, instead of after the work whose results it would hold. A local folder is created, as the
+    run would create it; a probe file (object) is written there and removed. Other URI schemes are
+    left to their first write.
+
+    Raises:
+        NotWritable: with the reason (read-only file system, permission, a file in the way, missing
+            credentials, no such bucket).
+    """
+    probe = f".selfe-write-check-{os.getpid()}"
+    if location.startswith("s3://"):
+        _check_s3_writable(location, setting, endpoint, probe)
+        return
+    if "://" in location:
+        return
+    path = Path(location).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / probe).write_bytes(b"")
+        (path / probe).unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            reason = "a file is in the way of the folder"
+        raise NotWritable(f"{setting} = {location}: cannot write there ({reason}); give a folder this user can "
+                          "write") from None
+
+
+def _check_s3_writable(location: str, setting: str, endpoint: str, probe: str) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    key = f"{prefix.rstrip('/')}/{probe}".lstrip("/")
+    client = s3_client(endpoint)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+    except (ClientError, BotoCoreError) as e:
+        code = e.response.get("Error", {}).get("Code", "") if isinstance(e, ClientError) else type(e).__name__
+        raise NotWritable(f"{setting} = {location}: cannot write there ({code or e}; endpoint "
+                          f"{s3_endpoint(endpoint) or 'AWS default'}); check the bucket name and this account's "
+                          "s3:PutObject permission") from None
+    try:
+        client.delete_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError):
+        pass  # allowed to write but not to delete: the empty probe object stays, nothing else is touched
 
 
 def ensure_ray(num_cpus: int | None = None, **init_kwargs):

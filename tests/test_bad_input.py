@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from selfe.config import load_config
@@ -120,3 +122,156 @@ def test_workers_that_would_starve_the_ingest_read_task_are_refused_before_work(
     check_worker_cpus(load_config(overrides=["--train.num_workers=2", "--train.cpus_per_worker=0.5"]), 2.0)
     with pytest.raises(ConfigError, match="need 3 CPUs"):
         check_worker_cpus(load_config(overrides=["--train.num_workers=2"]), 2.0)
+
+
+# ------------------------------------------------------------------ outputs that cannot be written
+
+# (module, arguments, the setting the one-line error names); "{x}" is a folder that cannot be created
+# (a file is in its way: refused for root too, unlike a chmod). Each exits 2 before Ray starts or a
+# model loads.
+OUTPUT_CASES = [
+    ("pipelines.train", ["--out", "{x}"], "--out = {x}: cannot write there"),
+    ("pipelines.train", ["--train.storage_path={x}"], "train.storage_path = {x}: cannot write there"),
+    ("pipelines.train", ["--data.cache_root={x}"], "data.cache_root = {x}: cannot write there"),
+    ("pipelines.train", ["--tracking.tracking_uri=sqlite:///{x}/mlflow.db"], "tracking.tracking_uri (its folder) = {x}"),
+    ("pipelines.preprocess", ["--out", "{x}"], "data.cache_root (--out) = {x}: cannot write there"),
+    ("pipelines.generate", ["--model", "models:/selfe@x", "--prompt", "x", "--out", "{x}/a.png"], "--out = {x}: cannot"),
+    ("pipelines.evaluate", ["--model", "models:/selfe@x", "--out", "{x}"], "--out = {x}: cannot write there"),
+    ("pipelines.export", ["--model", "models:/selfe@x", "--out", "{x}"], "--out = {x}: cannot write there"),
+    ("pipelines.reproduce", ["--out", "{x}"], "--out = {x}: cannot write there"),
+    ("pipelines.reproduce", ["--report", "{x}/results.md"], "--report (its folder) = {x}: cannot write there"),
+    ("tune.sweep", ["--out", "{x}"], "--out = {x}: cannot write there"),
+    ("tune.sweep", ["--storage-path", "{x}"], "[sweep] storage_path = {x}: cannot write there"),
+]
+
+
+@pytest.mark.parametrize("module,args,fragment", OUTPUT_CASES)
+def test_an_unwritable_output_is_refused_before_any_work(module, args, fragment, tmp_path, capsys, monkeypatch):
+    import importlib
+    import time
+
+    import ray
+
+    (tmp_path / "file").write_text("in the way")
+    blocked = str(tmp_path / "file" / "out")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    capsys.readouterr()
+    t0 = time.time()
+    try:
+        code = importlib.import_module(module).main([a.replace("{x}", blocked) for a in args])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment.replace("{x}", blocked) in err and len(err.splitlines()) == 1, err
+    assert "a file is in the way" in err
+    assert not ray.is_initialized() and time.time() - t0 < 20
+
+
+def test_the_writability_probe_creates_the_folder_and_leaves_nothing_else(tmp_path):
+    from selfe.storage import check_writable
+
+    check_writable(str(tmp_path / "new" / "deeper"), "--out")
+    assert (tmp_path / "new" / "deeper").is_dir() and list((tmp_path / "new" / "deeper").iterdir()) == []
+
+
+def test_the_writability_probe_on_s3(s3_server):
+    import boto3
+
+    from selfe.storage import NotWritable, check_writable
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="writable")
+    check_writable("s3://writable/runs", "train.storage_path", s3_server)
+    assert s3.list_objects_v2(Bucket="writable").get("KeyCount", 0) == 0  # the probe object is gone
+    with pytest.raises(NotWritable, match=r"train.storage_path = s3://no-such-bucket/x: cannot write there "
+                                          r"\(NoSuchBucket"):
+        check_writable("s3://no-such-bucket/x", "train.storage_path", s3_server)
+
+
+# ------------------------------------------------------------------ files that are not what they claim
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.test_export import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model")
+
+
+def test_a_garbage_weights_file_is_one_line_and_exit_2(tiny_model, tmp_path, capsys):
+    import shutil
+
+    from pipelines.generate import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "weights.safetensors").write_bytes(b"\x00garbage" * 100)
+    capsys.readouterr()
+    code = main(["--model", str(broken), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "weights.safetensors is not this model's weights" in err and "export it again" in err
+
+
+def test_a_long_prompt_says_how_much_of_it_the_model_read(tiny_model, tmp_path, capsys):
+    from pipelines.generate import main
+
+    prompt = "a photo of a red circle " * 417  # 10,008 characters
+    capsys.readouterr()
+    assert main(["--model", str(tiny_model), "--prompt", prompt, "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"the model reads 55 of its {len(prompt)} characters (16 of 2504 tokens)" in err, err
+    assert err.startswith("note: prompt truncated to the text encoder's 16 tokens") and len(err.splitlines()) == 1
+
+
+def test_an_encoder_whose_weights_are_a_code_running_pickle_is_refused_without_torchs_advice(tmp_path):
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from selfe.encoders.storage import MINILM, UnsafeWeightsError, resolve_model_dir
+    from selfe.encoders.text import TextEncoder
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    source = Path(resolve_model_dir(MINILM))
+    evil = tmp_path / "encoder"
+    shutil.copytree(source, evil)
+    state = load_file(str(evil / "model.safetensors"))
+    (evil / "model.safetensors").unlink()
+    torch.save({**state, "extra": RunsCode()}, evil / "pytorch_model.bin")
+    cfg = load_config(overrides=[f"--text.name={evil}"])
+    with pytest.raises(UnsafeWeightsError) as err:
+        TextEncoder(cfg.text)
+    message = str(err.value)
+    assert "asks to run code, refused (Trying to load unsupported GLOBAL posix.system" in message
+    assert "keep weights_only on" in message and "set to `False`" not in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_preprocess_with_a_missing_source_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from pipelines.preprocess import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["--source", str(tmp_path / "missing"), "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "does not exist" in err, err
+
+
+@pytest.mark.parametrize("module", ["pipelines.train", "pipelines.preprocess"])
+def test_a_negative_cpu_count_is_refused_even_with_print_config(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--num-cpus", "-3", "--print-config"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.endswith("argument --num-cpus: must be >= 1, got -3")
+    assert len(err.splitlines()) == 1

@@ -4,6 +4,7 @@ checkpoint falls back to an older one."""
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import pickle
 import random
@@ -19,7 +20,7 @@ from selfe.core.model import ModelConfig, build_model
 from selfe.train.checkpoint import (
     UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, split_optimizer_state, verify_checkpoint,
 )
-from selfe.train.resume import remove_unregistered, restore_first_usable
+from selfe.train.resume import UNUSABLE, remove_unregistered, restore_first_usable, unusable_checkpoints
 from selfe.train.step import build_optimizer
 
 CFG = ModelConfig(width=32, head_dim=8, double_blocks=1, single_blocks=1, text_width=8, pooled_width=8)
@@ -142,13 +143,21 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])  # a corrupt latest checkpoint
     model, ema, opt = _fresh()
     load = lambda d: load_checkpoint(d, model, ema, opt)  # noqa: E731
-    with pytest.warns(UserWarning, match="checkpoint_2 is unusable .*expected"):
-        progress, path = restore_first_usable(ray.train.Checkpoint(str(latest)), load)
+    with pytest.warns(UserWarning, match="checkpoint_2 is unusable .*expected.*set aside"):
+        progress, path = restore_first_usable(ray.train.Checkpoint(str(latest)), load, mark=True)
     assert progress == {"step": 1} and path.endswith("checkpoint_1")
     for a, b in zip(_trained(seed=1)[0].parameters(), model.parameters()):
         assert torch.equal(a, b)
+    assert "expected" in json.loads((latest / UNUSABLE).read_text())["reason"]
+    assert unusable_checkpoints(str(tmp_path)) == ["checkpoint_2"]  # the next job start keeps it out of the count
+    shard.unlink()  # set aside: a later restart does not read it again (here it would now fail differently)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert restore_first_usable(ray.train.Checkpoint(str(latest)), load, mark=True)[0] == {"step": 1}
+    assert not [w for w in seen if "unusable" in str(w.message)]
     (older / ".metadata").unlink()  # and now neither is usable
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no usable checkpoint to resume from"):
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no usable checkpoint to resume from: tried "
+                                                                      ".*checkpoint_2 \\(set aside earlier\\)"):
         restore_first_usable(ray.train.Checkpoint(str(latest)), load)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -13,16 +14,29 @@ import pytest
 from selfe.train.owner import MARKER, RunInUseError, run_owner
 
 
+SECOND_JOB = """
+import sys
+from selfe.train.owner import RunInUseError, run_owner
+try:
+    with run_owner(sys.argv[1], "run"):
+        print("owned")
+except RunInUseError as e:
+    print(e)
+"""
+
+
 def test_a_second_job_with_the_same_run_name_is_refused(tmp_path):
     run = str(tmp_path / "run")
     with run_owner(run, "run"):
-        with pytest.raises(RunInUseError, match=r"run 'run' is in use by another job .*use another train.run_name"):
-            with run_owner(run, "run"):
-                pass
+        second = subprocess.run([sys.executable, "-c", SECOND_JOB, run], capture_output=True, text=True, timeout=60)
+        assert re.match(r"run 'run' is in use by another job .*use another train.run_name", second.stdout), second
         assert json.loads((tmp_path / "run" / MARKER).read_text())["host"] == socket.gethostname()
+        with run_owner(run, "run"):  # the same job again (the pipeline claimed it, then fit() holds it)
+            pass
+        assert (tmp_path / "run" / MARKER).exists()  # the inner block does not release the outer's claim
     assert not (tmp_path / "run" / MARKER).exists()  # released at the end
-    with run_owner(run, "run"):  # and free again
-        pass
+    again = subprocess.run([sys.executable, "-c", SECOND_JOB, run], capture_output=True, text=True, timeout=60)
+    assert again.stdout.strip() == "owned"  # and free again
 
 
 def _marker(path, **owner):
@@ -51,8 +65,8 @@ def test_the_owner_marker_works_on_s3(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="owners")
     with run_owner("s3://owners/runs/a", "a"):
-        with pytest.raises(RunInUseError):
-            with run_owner("s3://owners/runs/a", "a"):
-                pass
+        second = subprocess.run([sys.executable, "-c", SECOND_JOB, "s3://owners/runs/a"], capture_output=True,
+                                text=True, timeout=60)
+        assert "is in use by another job" in second.stdout, second
     with run_owner("s3://owners/runs/a", "a"):
         pass

@@ -46,6 +46,7 @@ def test_run_is_tracked_and_registered(trained):
     assert res.final_step == 4 and res.model_version == 1
     client = MlflowClient()
     run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"  # ended by the job, not left RUNNING
     assert run.data.params["train.steps"] == "4" and run.data.params["objective.method"] == "self_e"
     history = client.get_metric_history(res.mlflow_run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]  # rank 0 logged every step

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from selfe.config import load_config
 from selfe.configtools import ConfigError
-from selfe.sweep.space import load_space, param_space, search_algorithm
+from selfe.sweep.ledger import planned_points, planned_total
+from selfe.sweep.space import load_space, param_space
 from tests.conftest import job_sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,10 @@ TINY_BASE = """
 """
 
 
+FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIASELFEFAKEKEY0042", "AWS_SECRET_ACCESS_KEY": "selfe/fake+secret/Zq93hX7kLmN0pQ",
+             "AWS_SESSION_TOKEN": "selfe-fake-session-token-8d1e"}
+
+
 def write_space(path: Path, sweep: str, space: str, base: str = TINY_BASE) -> Path:
     path.write_text(f"[sweep]\n{sweep}\n[base]\n{base}\n[space]\n{space}\n")
     return path
@@ -52,7 +57,8 @@ def test_default_space_is_valid_and_has_a_flow_matching_reference():
     assert spec.search == "grid" and spec.metric == "geneval_fewstep" and spec.reference
     assert "objective.self_eval_weight" in spec.keys()
     assert spec.base_config().train.steps >= 150  # long enough for the few-step score to leave 0 and rank trials
-    assert search_algorithm(spec, 1)[1] == spec.num_samples + 1  # the reference is one extra trial
+    assert planned_total(spec) == 2 + 1  # two weights and the reference trial
+    assert [p["objective.self_eval_weight"] for p in planned_points(spec)] == [0.0, 1.0, 2.0]
     assert spec.reference_point()["objective.self_eval_weight"] == 0.0
     assert set(param_space(spec)) == set(spec.keys())
     cluster = load_space(REPO / "tune" / "self_eval_schedule.toml")  # the random-search example is valid too
@@ -121,7 +127,9 @@ def sweep(tmp_path_factory):
     from selfe.sweep.runner import run_sweep
 
     root = tmp_path_factory.mktemp("tune")
-    with job_sandbox(root):
+    with job_sandbox(root), pytest.MonkeyPatch.context() as mp:
+        for name, value in FAKE_KEYS.items():  # in the driver's environment, as on a laptop with S3 access
+            mp.setenv(name, value)
         sweep_table = (f'name = "asha"\nmetric = "loss"\nmode = "min"\nmax_concurrent = 1\ntime_budget_s = 900\n'
                        f'storage_path = "{root / "sweeps"}"\n[sweep.asha]\ngrace_period = 4\nreduction_factor = 2')
         base = TINY_BASE + f'"data.cache_root" = "{root / "cache"}"\n'
@@ -142,6 +150,20 @@ def test_sweep_runs_its_trials_and_summarises(sweep):
     assert Path(res.plot_path).stat().st_size > 1000
     train_runs = {p.name for p in (root / "sweeps" / "asha" / "train_runs").iterdir()}
     assert train_runs == {f"asha-{r.trial_id}" for r in res.rows}  # every trial's checkpoints inside the sweep
+
+
+@pytest.mark.slow
+def test_no_credential_reaches_rays_files_or_the_sweep_folder(sweep):
+    """With AWS keys in the driver's environment, nothing Ray wrote (its session folder: logs, runtime
+    environments) nor anything in the sweep folder holds them. Tune alone would put them in every
+    trial's runtime environment, which Ray's runtime-env agent logs."""
+    _, _, root = sweep
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    files = [p for folder in (session, root / "sweeps") for p in folder.rglob("*") if p.is_file()]
+    assert any(p.name == "runtime_env_agent.log" for p in files) and len(files) > 20
+    secrets = [v.encode() for v in FAKE_KEYS.values()]
+    leaks = [str(p) for p in files if any(s in p.read_bytes() for s in secrets)]
+    assert leaks == []
 
 
 @pytest.mark.slow
@@ -182,16 +204,60 @@ def test_mlflow_parent_child_runs_and_sweep_best_alias(sweep):
     assert parent.data.metrics["trials_stopped_early"] == 1
 
 
+class RunsCode:
+    """A pickle that runs a command when loaded: what a writer of the sweep folder could plant."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
 @pytest.mark.slow
-def test_rerunning_a_named_sweep_restores_it(sweep):
+def test_a_resumed_sweep_runs_no_pickle_from_its_folder_and_goes_on(sweep):
+    """Every pickle Tune left in the sweep folder is replaced by one that runs a command, and the
+    second trial is marked as cut off mid-run (a driver that died): the resume reruns that trial
+    only, ASHA (rebuilt from the ledger) stops it at the same rung, and the command never runs.
+    Stock ``Tuner.restore`` on the same folder does run it (the planted pickle is live)."""
+    import json
+    import pickle
+
+    from ray import tune
+
+    from selfe.sweep.ledger import LEDGER_FILE
     from selfe.sweep.runner import run_sweep
 
     spec, first, root = sweep
+    folder = root / "sweeps" / "asha"
+    marker = root / "pwned"
+    planted = [p for p in folder.rglob("*.pkl")]
+    assert any(p.name == "tuner.pkl" for p in planted) and any(p.name == "params.pkl" for p in planted)
+    for path in planted:
+        path.write_bytes(pickle.dumps(RunsCode(marker)))
+    ledger = json.loads((folder / LEDGER_FILE).read_text())
+    assert [t["status"] for t in ledger["trials"]] == ["completed", "stopped", "completed"]
+    ledger["trials"][1].update(status="running", step=3, history=[])
+    (folder / LEDGER_FILE).write_text(json.dumps(ledger))
+
     again = run_sweep(spec, resume=True, out_root=str(root / "outputs"))
-    assert again.resumed and [r.trial_id for r in again.rows] == [r.trial_id for r in first.rows]
-    assert [r.outcome for r in again.rows] == [r.outcome for r in first.rows]
+    assert not marker.exists()
+    assert again.resumed and [r.trial_id for r in again.rows] == ["t000", "t001", "t002"]
+    assert [r.outcome for r in again.rows] == [r.outcome for r in first.rows]  # t001 stopped again at step 4
+    assert again.rows[1].step == 4 and again.best.trial_id == first.best.trial_id
     assert again.parent_run_id == first.parent_run_id and again.model_version == first.model_version
-    with pytest.raises(ConfigError, match="nothing restorable"):
+    after = json.loads((folder / LEDGER_FILE).read_text())
+    assert after["attempts"] == 2 and [t["attempt"] for t in after["trials"]] == [0, 1, 0]
+    assert (folder / "attempt-1" / "t001").is_dir() and not (folder / "attempt-1" / "t000").exists()
+
+    try:  # the control: Ray's own restore unpickles tuner.pkl, and the command runs
+        tune.Tuner.restore(str(folder / "attempt-0"), trainable=lambda config: None)
+    except Exception:
+        pass
+    assert marker.exists()
+    with pytest.raises(ConfigError, match="nothing to resume"):
         run_sweep(load_space(root / "space.toml", name="never-ran"), resume=True)
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from selfe.configtools import ConfigError
+from selfe.paths import check_outputs
 from selfe.sweep.space import load_space
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "default.toml"
@@ -52,10 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     from selfe.sweep.runner import SWEEP_BEST_ALIAS, run_sweep
 
     try:
+        base = spec.base_config()
+        base.train.storage_path = spec.storage_path  # the trials' checkpoints live inside the sweep folder
+        check_outputs(base, args.out, storage_setting="[sweep] storage_path")
         res = run_sweep(spec, resume=args.resume, out_root=args.out)
     except ConfigError as e:
         print(f"sweep config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nstopped; rerun with --name {spec.name or '<the name printed above>'} to continue the sweep",
+              file=sys.stderr)
+        return 130
     print(f"\n=== selfe sweep {res.name} finished in {res.wall_s / 60:.1f} min ===")
     print(res.table)
     if res.best is None:

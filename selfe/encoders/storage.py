@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,17 @@ def resolve_model_dir(location: str, cache_dir: str | Path | None = None) -> str
     return str(path)
 
 
+class UnsafeWeightsError(OSError):
+    """A model's weights file is a pickle that asks for more than tensors (``torch.load`` with
+    ``weights_only=True`` refused it). torch's own message advises turning ``weights_only`` off, which
+    would run whatever the file asks for; this one says what to do instead."""
+
+    def __init__(self, location: str, err: Exception) -> None:
+        why = next((line.strip() for line in str(err).splitlines() if "global" in line.lower()), "not plain data")
+        super().__init__(f"{location}: its weights file is a pickle that asks to run code, refused ({why}); use the "
+                         "model's .safetensors weights or a copy from a source you trust, and keep weights_only on")
+
+
 def load_pretrained(load: Callable[..., T], resolved: str, **kwargs: object) -> T:
     """Call a ``from_pretrained``-style ``load`` on the output of `resolve_model_dir`.
 
@@ -79,7 +91,10 @@ def load_pretrained(load: Callable[..., T], resolved: str, **kwargs: object) -> 
     because on offline machines the libraries' own message only says the connection failed.
     """
     if not is_hub_id(resolved):
-        return load(resolved, **kwargs)
+        try:
+            return load(resolved, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise UnsafeWeightsError(resolved, err) from None
     repo_id, subfolder = split_hub_id(resolved)
     if subfolder:
         kwargs["subfolder"] = subfolder

@@ -116,6 +116,18 @@ class TextEncoder:
         ids = self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"] if prompts else []
         return torch.tensor([len(x) > self.max_tokens for x in ids], dtype=torch.bool)
 
+    def read_extent(self, prompt: str) -> tuple[int, int]:
+        """(tokens in ``prompt``, characters of it that `encode` reads within ``max_tokens``)."""
+        total = len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+        kept = self.tokenizer(prompt, truncation=True, max_length=self.max_tokens)
+        try:
+            spans = self.tokenizer(prompt, truncation=True, max_length=self.max_tokens,
+                                   return_offsets_mapping=True)["offset_mapping"]
+            chars = max((end for _, end in spans), default=0)
+        except NotImplementedError:  # a slow (Python) tokenizer has no offsets: count the decoded text
+            chars = len(self.tokenizer.decode(kept["input_ids"], skip_special_tokens=True))
+        return total, chars
+
     def _encode_batch(self, prompts: list[str]) -> TextCond:
         # The model runs only up to the batch's longest caption and the outputs are zero-padded to
         # max_tokens afterwards: short captions then cost a fraction of a full-length pass, and with right

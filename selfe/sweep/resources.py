@@ -128,3 +128,17 @@ class ReleaseStoppedTrialGroups(tune.Callback):
         if released:
             logger.info("released %d placement group(s) of stopped trials", released)
         return released
+
+
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Tune from copying the driver's AWS keys into every trial actor's runtime environment
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``): Ray's runtime-env agent writes that
+    environment to its log in plain text. Trials get credentials as every other Ray worker does: from
+    their node (instance role, credentials file) or the environment the node's Ray started with (a
+    local Ray inherits the driver's)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIAL_VARIABLES)

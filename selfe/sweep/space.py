@@ -333,13 +333,14 @@ def max_steps(spec: SweepSpec, base: Config) -> int:
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
-    """Tune's param_space: flat dotted keys, so a trial's config is its list of overrides."""
+    """Tune's param_space for an Optuna search (flat dotted keys, so a trial's config is its list of
+    overrides). Grid and random points are drawn by ``selfe.sweep.ledger.planned_points``."""
     from ray import tune
 
     out: dict[str, Any] = {}
     for d in spec.space:
         if d.kind == "values":
-            out[d.key] = tune.grid_search(d.args) if spec.search == "grid" else tune.choice(d.args)
+            out[d.key] = tune.choice(d.args)
         elif d.kind == "uniform":
             out[d.key] = tune.uniform(*d.args)
         elif d.kind == "loguniform":
@@ -348,24 +349,6 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
             out[d.key] = tune.randint(d.args[0], d.args[1] + 1)  # Tune's upper bound is exclusive
     return out
 
-
-def search_algorithm(spec: SweepSpec, max_concurrent: int) -> tuple[Any, int]:
-    """(Tune search algorithm limited to ``max_concurrent`` running trials, Tune num_samples).
-    The reference trial counts as one sample."""
-    points = [p for p in [spec.reference_point()] if p]
-    samples = spec.num_samples + len(points)
-    if spec.search == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        # metric and mode go to TuneConfig only: Tune refuses them twice
-        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points or None, seed=spec.seed),
-                                  max_concurrent=max_concurrent), samples
-    from ray.tune.search import BasicVariantGenerator
-
-    # TuneConfig.max_concurrent_trials ignores a BasicVariantGenerator: it takes the limit itself.
-    return BasicVariantGenerator(points_to_evaluate=points or None, random_state=spec.seed,
-                                 max_concurrent=max_concurrent), samples
 
 def spec_to_json(spec: SweepSpec) -> str:
     return json.dumps(dataclasses.asdict(spec), indent=2)

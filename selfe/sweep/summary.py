@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
+from selfe.sweep import ledger as ledger_status
+from selfe.sweep.ledger import Ledger
 from selfe.sweep.space import HORIZON, SELF_EVAL_WEIGHT, SweepSpec
 
-COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"
+COMPLETED, STOPPED, INTERRUPTED, FAILED = "completed", "stopped early", "interrupted", "failed"
 
 
 @dataclass
@@ -18,7 +19,7 @@ class TrialRow:
     trial_id: str
     params: dict[str, Any]
     outcome: str
-    """completed (ran all its steps), stopped early (by ASHA) or failed."""
+    """completed (ran all its steps), stopped early (by ASHA), interrupted (a rerun goes on) or failed."""
     step: int
     """Last step the trial reported."""
     metric: float | None
@@ -29,30 +30,14 @@ class TrialRow:
     child_run_id: str | None = None
 
 
-def rows_from_results(grid: Any, spec: SweepSpec) -> list[TrialRow]:
-    """Tune's ResultGrid -> rows. A trial is complete when it reported its last training step.
-    Trial folders are named by trial id (the runner's ``trial_dirname_creator``)."""
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        params = {k: v for k, v in (result.config or {}).items() if k in spec.keys()}
-        step = int(metrics.get("step", 0))
-        value = metrics.get(spec.metric)
-        frame = result.metrics_dataframe
-        ckpt = None
-        if frame is not None and "checkpoint_path" in frame:
-            paths = frame["checkpoint_path"].dropna()
-            ckpt = str(paths.iloc[-1]) if len(paths) else None
-        if result.error is not None:
-            outcome = FAILED
-        else:
-            outcome = COMPLETED if step >= spec.trial_config(params).train.steps else STOPPED
-        rows.append(TrialRow(
-            trial_id=PurePosixPath(result.path).name, params=params, outcome=outcome,
-            step=step, metric=float(value) if isinstance(value, (int, float)) else None, checkpoint_path=ckpt,
-            error=str(result.error).splitlines()[0][:200] if result.error is not None else None,
-        ))
-    return sorted(rows, key=lambda r: r.trial_id)
+def rows_from_ledger(ledger: Ledger, spec: SweepSpec) -> list[TrialRow]:
+    """The ledger's trials -> rows, in plan order. A trial still pending or running (the driver ended
+    before it did) shows as interrupted."""
+    outcome = {ledger_status.COMPLETED: COMPLETED, ledger_status.STOPPED: STOPPED, ledger_status.FAILED: FAILED}
+    return [TrialRow(trial_id=r.key, params={k: v for k, v in r.params.items() if k in spec.keys()},
+                     outcome=outcome.get(r.status, INTERRUPTED), step=r.step, metric=r.metric,
+                     checkpoint_path=r.checkpoint_path, error=r.error)
+            for r in sorted(ledger.trials.values(), key=lambda r: r.key)]
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
@@ -76,9 +61,9 @@ def markdown_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None)
     names = short_names(spec.keys())
     head = ["trial", *names.values(), "steps", "outcome", spec.metric, ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    # Completed trials first (their scores are comparable), then those stopped early, then failures.
+    # Completed trials first (their scores are comparable), then those stopped early, interrupted, failed.
     sign = -1 if spec.mode == "max" else 1
-    rank = {COMPLETED: 0, STOPPED: 1, FAILED: 2}
+    rank = {COMPLETED: 0, STOPPED: 1, INTERRUPTED: 2, FAILED: 3}
     ordered = sorted(rows, key=lambda r: (rank[r.outcome], r.metric is None, sign * (r.metric or 0.0), r.trial_id))
     for r in ordered:
         cells = [r.trial_id, *(_fmt(r.params.get(k)) for k in names), str(r.step), r.outcome,

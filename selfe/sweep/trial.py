@@ -3,8 +3,8 @@
 Ray Train V2 cannot be handed to a Tuner as a Trainer. Instead the Tune trial runs ``run_trial``,
 which fits a TorchTrainer whose RunConfig carries Tune's ``TuneReportCallback``: every
 ``ray.train.report`` of rank 0 reaches Tune (and ASHA) as a trial result. The Train run is named
-after the Tune trial id, so a trial restarted by Tune, or by a restored sweep, resumes its own
-checkpoints and reuses its own MLflow child run. What a trial costs: ``selfe.sweep.resources``.
+after the trial's ledger name (``t003``, ``selfe.sweep.ledger``), so a trial restarted by Tune, or
+by a later driver run of the sweep, resumes its own checkpoints and reuses its own MLflow child run. What a trial costs: ``selfe.sweep.resources``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selfe.config import Config
+from selfe.sweep.ledger import TRIAL_KEY
 from selfe.sweep.space import SweepSpec
 
 SWEEP_TAG = "selfe.sweep"
@@ -58,7 +59,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     from selfe.train.handoff import worker_inputs
     from selfe.train.job import fit, tracking_target
 
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = str(params.get(TRIAL_KEY) or tune.get_context().get_trial_id())
     run_name = trial_run_name(context.sweep_name, trial_id)
     cfg = context.spec.trial_config(params)
     cfg.train.run_name = run_name
@@ -80,6 +81,6 @@ def child_run(cfg: Config, context: TrialContext, trial_id: str, run_name: str, 
     """This trial's MLflow child run under the sweep's parent; the same one when the trial restarts."""
     from selfe.tracking import find_or_start_run
 
-    tags = {ROLE_TAG: "trial", **{f"sweep.{k}": str(v) for k, v in params.items()}}
+    tags = {ROLE_TAG: "trial", **{f"sweep.{k}": str(v) for k, v in params.items() if k != TRIAL_KEY}}
     return find_or_start_run(cfg, run_name, match=trial_tags(context.sweep_name, trial_id), tags=tags,
                              parent_run_id=context.parent_run_id)

@@ -139,7 +139,10 @@ def find_or_start_run(cfg: Config, run_name: str, match: dict[str, str], tags: d
 
     def find_or_start() -> str:
         found = find_run(cfg.tracking.experiment, match)
-        return found or start_run(cfg, run_name, tags={**match, **(tags or {})}, parent_run_id=parent_run_id)
+        if found:  # a run that ended (KILLED, FAILED) and goes on is running again
+            MlflowClient().update_run(found, status="RUNNING")
+            return found
+        return start_run(cfg, run_name, tags={**match, **(tags or {})}, parent_run_id=parent_run_id)
 
     return with_retries(f"creating the run {run_name}", find_or_start)
 

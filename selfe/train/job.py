@@ -5,6 +5,7 @@ Runs where ``ray job submit`` puts the entrypoint (or locally, starting Ray itse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from selfe.generator import ImageGenerator, save_model_dir
 from selfe.core.model import build_model
 from selfe.train.checkpoint import load_weights
 from selfe.train.owner import run_owner
-from selfe.train.resume import remove_unregistered
+from selfe.train.resume import remove_unregistered, unusable_checkpoints
 from selfe.train.handoff import TrackingTarget, WorkerInputs, worker_inputs
 from selfe.train.worker import train_loop_per_worker
 
@@ -59,6 +60,10 @@ def metrics_spool_dir(cfg: Config, run_name: str) -> Path:
     return default_spool_dir() / run_name
 
 
+class TrainingFailed(RuntimeError):
+    """The Ray Train run ended with an error (after its retries) or without a checkpoint."""
+
+
 def default_run_name() -> str:
     return time.strftime("selfe-%Y%m%d-%H%M%S")
 
@@ -81,22 +86,34 @@ def tracking_target(cfg: Config, run_id: str | None) -> TrackingTarget | None:
     return TrackingTarget(run_id, resolve_tracking_uri(cfg), str(metrics_spool_dir(cfg, cfg.train.run_name)))
 
 
+def own_run(cfg: Config, run_name: str):
+    """Hold ``run_name``'s owner marker in its storage folder for a ``with`` block (``selfe.train.owner``):
+    a second job with the same name is refused. Re-entrant in one process, so a pipeline can claim the
+    name before Ray starts and ``fit`` holds it again."""
+    storage_path, _ = train_storage(cfg.train.storage_path, cfg.data.s3_endpoint)
+    run_uri = f"{cfg.train.storage_path.rstrip('/')}/{run_name}" if "://" in cfg.train.storage_path \
+        else f"{storage_path}/{run_name}"
+    return run_owner(run_uri, run_name, cfg.data.s3_endpoint)
+
+
 def fit(cfg: Config, run_name: str, datasets: dict, inputs: WorkerInputs,
         callbacks: list | None = None) -> ray.train.Result:
     """Build and fit the TorchTrainer; resumes automatically when ``run_name`` has checkpoints under
     ``cfg.train.storage_path``. ``callbacks`` go to the RunConfig (e.g. Tune's TuneReportCallback)."""
     storage_path, fs = train_storage(cfg.train.storage_path, cfg.data.s3_endpoint)
-    run_uri = f"{cfg.train.storage_path.rstrip('/')}/{run_name}" if "://" in cfg.train.storage_path \
-        else f"{storage_path}/{run_name}"
-    with run_owner(run_uri, run_name, cfg.data.s3_endpoint):
+    with own_run(cfg, run_name):
         stray = remove_unregistered(f"{storage_path}/{run_name}", fs)
         if stray:
             print(f"[selfe] removed {len(stray)} checkpoint folder(s) Ray Train never registered: {', '.join(stray)}")
-        return _trainer(cfg, run_name, storage_path, fs, datasets, inputs, callbacks).fit()
+        aside = unusable_checkpoints(f"{storage_path}/{run_name}", fs)
+        if aside:
+            print(f"[selfe] {len(aside)} checkpoint(s) set aside as unusable, kept out of train.keep_checkpoints: "
+                  f"{', '.join(aside)}")
+        return _trainer(cfg, run_name, storage_path, fs, datasets, inputs, callbacks, len(aside)).fit()
 
 
 def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, inputs: WorkerInputs,
-             callbacks: list | None) -> TorchTrainer:
+             callbacks: list | None, set_aside: int = 0) -> TorchTrainer:
     datasets = {k: training_rows(ds, cfg) for k, ds in datasets.items()}
     return TorchTrainer(
         train_loop_per_worker,
@@ -108,8 +125,9 @@ def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, 
         ),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=fs,
-            # Keep the most recent checkpoints (resume needs recency, not the best score).
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Keep the most recent checkpoints (resume needs recency, not the best score); the set-aside
+            # unusable ones take no usable checkpoint's place.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints + set_aside),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
@@ -173,13 +191,40 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
     cache_path, manifest = build_cache(cfg)
     text = TextEncoder(cfg.text)
     mlflow_run_id = _mlflow_run(cfg, run_name)
+    try:
+        res = _train_and_publish(cfg, run_name, cache_path, manifest, text, mlflow_run_id, promote, out_root)
+    except BaseException as e:
+        # Whatever ends the job early (an error, Ctrl-C, `ray job stop`'s SIGTERM) ends its MLflow run too:
+        # a run left RUNNING looks alive forever.
+        if mlflow_run_id:
+            _end_run_quietly(mlflow_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if mlflow_run_id and res.registration_error is None:
+        _end_run_quietly(mlflow_run_id, "FINISHED")
+    return res
+
+
+def _end_run_quietly(run_id: str, status: str) -> None:
+    """End ``run_id`` with ``status``; a tracking store that is down is not the error to report."""
+    from selfe.tracking import end_run
+
+    with contextlib.suppress(Exception):
+        end_run(run_id, status)
+
+
+def _train_and_publish(cfg: Config, run_name: str, cache_path: str, manifest: dict, text: TextEncoder,
+                       mlflow_run_id: str | None, promote: bool, out_root: str) -> JobResult:
+    """Fit, export, evaluate and register: the part of the job that runs under its MLflow run."""
     inputs = worker_inputs(cfg, text, read_null_text(cache_path, cfg.data.s3_endpoint), latent_shape(manifest),
                            tracking_target(cfg, mlflow_run_id), cache_path=cache_path)
     t0 = time.time()
     result = fit(cfg, run_name, {"train": load_cache(cache_path, cfg)}, inputs)
     train_seconds = time.time() - t0
     if result.error is not None:
-        raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
+        first = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1][:400]
+        raise TrainingFailed(f"run {run_name}: {first}") from result.error
+    if result.checkpoint is None:
+        raise TrainingFailed(f"run {run_name} ended without a checkpoint to export")
     out_dir = Path(out_root) / run_name
     model, step = export_model(cfg, result.checkpoint, out_dir / "model")
     gen = ImageGenerator(model, cfg, text=text)

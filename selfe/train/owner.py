@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 
 MARKER = ".selfe-owner.json"
+_HELD: dict[str, int] = {}
+"""Markers this process holds, with how many ``run_owner`` blocks hold each (re-entrance)."""
 
 
 class RunInUseError(RuntimeError):
@@ -107,8 +109,17 @@ def _stale(owner: dict, stale_s: float) -> bool:
 @contextlib.contextmanager
 def run_owner(run_uri: str, run_name: str, endpoint: str = "", heartbeat_s: float = 30.0,
               stale_s: float = 180.0) -> Iterator[None]:
-    """Own ``run_uri`` (the run's storage folder, local or s3://) for the block, or raise RunInUseError."""
-    store = _Store(f"{run_uri.rstrip('/')}/{MARKER}", endpoint)
+    """Own ``run_uri`` (the run's storage folder, local or s3://) for the block, or raise RunInUseError.
+    A block inside another that owns the same run in this process owns it already."""
+    uri = f"{run_uri.rstrip('/')}/{MARKER}"
+    if uri in _HELD:
+        _HELD[uri] += 1
+        try:
+            yield
+        finally:
+            _HELD[uri] -= 1
+        return
+    store = _Store(uri, endpoint)
     token = f"{socket.gethostname()}:{os.getpid()}:{time.time()}"
 
     def body() -> bytes:
@@ -139,9 +150,11 @@ def run_owner(run_uri: str, run_name: str, endpoint: str = "", heartbeat_s: floa
 
     thread = threading.Thread(target=beat, name="run-owner-heartbeat", daemon=True)
     thread.start()
+    _HELD[uri] = 1
     try:
         yield
     finally:
+        del _HELD[uri]
         stop.set()
         thread.join(5)
         with contextlib.suppress(Exception):

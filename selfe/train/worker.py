@@ -123,7 +123,7 @@ class WorkerLoop:
             return
         tr = self.tr
         progress, _ = restore_first_usable(
-            checkpoint, lambda d: load_checkpoint(d, tr.model, tr.ema, tr.optimizer, tr.generator))
+            checkpoint, lambda d: load_checkpoint(d, tr.model, tr.ema, tr.optimizer, tr.generator), mark=self.rank == 0)
         self.step, self.epoch, self.batch_in_epoch = progress["step"], progress["epoch"], progress["batch_in_epoch"]
         self.resumed_from = self.step
         if self.rank == 0:

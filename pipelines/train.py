@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.train.run_name = cfg.train.run_name or default_run_name()
     try:
         check_outputs(cfg, args.out)  # before anything is computed that they would hold
-        with own_run(cfg, cfg.train.run_name), stop_on_sigterm():
+        with own_run(cfg, cfg.train.run_name):
             return train(cfg, args)
     except ConfigError as e:  # also found once Ray is up (e.g. workers that would starve the read tasks)
         print(f"config error: {e}", file=sys.stderr)
@@ -65,22 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:
         print(f"training failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
-        print(f"\nstopped{f' ({e})' if str(e) else ''}; rerun with --train.run_name={cfg.train.run_name} to resume "
-              "from its last checkpoint", file=sys.stderr)
+    except (KeyboardInterrupt, SystemExit):  # Ray Train answers Ctrl-C in fit() with sys.exit(0)
+        print(f"\nstopped ({'SIGTERM' if SIGTERM_SEEN else 'Ctrl-C'}); rerun with "
+              f"--train.run_name={cfg.train.run_name} to resume from its last checkpoint", file=sys.stderr)
         return 130
 
 
-class JobStopped(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a Kubernetes pod's end): handled as Ctrl-C is."""
+SIGTERM_SEEN: list[int] = []
+"""Filled by ``stop_on_sigterm``: Ray's blocking calls re-raise a signal handler's exception as a plain
+KeyboardInterrupt, so the exception alone cannot say which signal stopped the job."""
 
 
 @contextlib.contextmanager
 def stop_on_sigterm():
-    """Turn SIGTERM into ``JobStopped`` for the block, so that the job ends its MLflow run (KILLED) and
-    releases its run name instead of vanishing mid-step (Ray's job supervisor sends SIGKILL 3 s later)."""
+    """Turn SIGTERM (``ray job stop``, a Kubernetes pod's end) into KeyboardInterrupt for the block, so
+    that the job ends its MLflow run (KILLED) and releases its run name instead of dying mid-step (Ray's
+    job supervisor sends SIGKILL 3 s later). Enter it after ``ray.init``, which installs its own."""
     def stop(signum, frame):
-        raise JobStopped("SIGTERM")
+        SIGTERM_SEEN.append(signum)
+        raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -93,7 +96,7 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
     """Ray, the training job and its summary (the run name is claimed and the outputs are writable)."""
     from selfe.console import QuietConsole
     from selfe.storage import ensure_ray
-    from selfe.train.job import run_training
+    from selfe.train.job import TrainingFailed, run_training
 
     console = QuietConsole(os.path.join(args.out, "logs", f"{cfg.train.run_name}.log"), verbose=args.verbose)
     if not args.verbose:
@@ -104,7 +107,8 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
     ensure_ray(args.num_cpus)
     console.attach_ray()
     try:
-        res = run_training(cfg, promote=args.promote, out_root=args.out)
+        with stop_on_sigterm():  # after ray.init, which installs a SIGTERM handler of its own (sys.exit)
+            res = run_training(cfg, promote=args.promote, out_root=args.out)
     except TrainingFailed:
         traceback.print_exc(file=console.log)
         raise

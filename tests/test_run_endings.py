@@ -78,7 +78,7 @@ def test_ctrl_c_kills_the_run_a_same_name_job_is_refused_and_an_unusable_resume_
     job.send_signal(signal.SIGINT)
     out, err = job.communicate(timeout=120)
     assert job.returncode == 130, err[-3000:]
-    assert "stopped; rerun with --train.run_name=endings to resume" in err
+    assert "stopped (Ctrl-C); rerun with --train.run_name=endings to resume" in err
     (run,) = runs(tmp_path, "endings")
     assert run.info.status == "KILLED"
     assert not (run_dir / ".selfe-owner.json").exists()  # the name is free again

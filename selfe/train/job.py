@@ -195,13 +195,20 @@ def run_training(cfg: Config, promote: bool = False, out_root: str = "outputs") 
         res = _train_and_publish(cfg, run_name, cache_path, manifest, text, mlflow_run_id, promote, out_root)
     except BaseException as e:
         # Whatever ends the job early (an error, Ctrl-C, `ray job stop`'s SIGTERM) ends its MLflow run too:
-        # a run left RUNNING looks alive forever.
+        # a run left RUNNING looks alive forever. Ray Train turns Ctrl-C during fit() into sys.exit(0).
         if mlflow_run_id:
-            _end_run_quietly(mlflow_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
+            _end_run_quietly(mlflow_run_id, "KILLED" if stopped else "FAILED")
         raise
     if mlflow_run_id and res.registration_error is None:
         _end_run_quietly(mlflow_run_id, "FINISHED")
     return res
+
+
+def _last_line(error: BaseException) -> str:
+    """The innermost exception's line of a Ray Train error (its message ends with the worker's traceback)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:400]
 
 
 def _end_run_quietly(run_id: str, status: str) -> None:
@@ -218,11 +225,13 @@ def _train_and_publish(cfg: Config, run_name: str, cache_path: str, manifest: di
     inputs = worker_inputs(cfg, text, read_null_text(cache_path, cfg.data.s3_endpoint), latent_shape(manifest),
                            tracking_target(cfg, mlflow_run_id), cache_path=cache_path)
     t0 = time.time()
-    result = fit(cfg, run_name, {"train": load_cache(cache_path, cfg)}, inputs)
+    try:
+        result = fit(cfg, run_name, {"train": load_cache(cache_path, cfg)}, inputs)
+    except ray.train.TrainingFailedError as e:  # the workers' error, after train.max_failures restarts
+        raise TrainingFailed(f"run {run_name}: {_last_line(e)}") from e
     train_seconds = time.time() - t0
     if result.error is not None:
-        first = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1][:400]
-        raise TrainingFailed(f"run {run_name}: {first}") from result.error
+        raise TrainingFailed(f"run {run_name}: {_last_line(result.error)}") from result.error
     if result.checkpoint is None:
         raise TrainingFailed(f"run {run_name} ended without a checkpoint to export")
     out_dir = Path(out_root) / run_name

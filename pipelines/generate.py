@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.is_dir():
         return fail(f"--out {out} is a folder; give the path of the PNG to write, e.g. {out / 'image.png'}")
-    if problem := unwritable(out.parent):
+    if problem := unwritable(out.parent, "--out (its folder)"):
         return fail(problem)
 
     from selfe.tracking import grid_image, png_bytes

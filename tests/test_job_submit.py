@@ -107,6 +107,11 @@ SMALL_RUN = ["--data.num_samples=32", "--model.double_blocks=1", "--model.single
 
 def _submit(address: str, env: dict, job_id: str, runtime_env: dict, args: list[str]) -> tuple[str, str]:
     """Submit ``pipelines/train.py args`` and wait for it to end: (final status, logs)."""
+    _start(address, env, job_id, runtime_env, args)
+    return _wait(address, env, job_id)
+
+
+def _start(address: str, env: dict, job_id: str, runtime_env: dict, args: list[str]) -> None:
     cmd = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
            "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "pipelines/train.py", *args]
     deadline = time.time() + 180
@@ -116,6 +121,9 @@ def _submit(address: str, env: dict, job_id: str, runtime_env: dict, args: list[
             break
         time.sleep(5)
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-3000:]
+
+
+def _wait(address: str, env: dict, job_id: str) -> tuple[str, str]:
     deadline, status = time.time() + 420, "PENDING"
     while time.time() < deadline and status not in ("SUCCEEDED", "FAILED", "STOPPED"):
         time.sleep(5)
@@ -217,3 +225,18 @@ def test_ray_job_submit_trains_and_registers_outside_the_working_dir_copy(cluste
     )
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert (elsewhere / "out.png").stat().st_size > 0
+
+    # `ray job stop` (SIGTERM to the driver, SIGKILL 3 s later) leaves the run KILLED, not RUNNING.
+    job = f"selfe-stop-{int(time.time())}"
+    _start(address, env, job, runtime_env, [*SMALL_RUN, "--train.steps=100000", "--train.run_name=stopped"])
+    run_dir = home / "outputs" / "ray_results" / "stopped"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/.metadata")):
+        time.sleep(1)
+    assert list(run_dir.glob("checkpoint_*/.metadata")), _wait(address, env, job)[1][-3000:]
+    subprocess.run([RAY, "job", "stop", "--address", address, job], env=env, capture_output=True, timeout=120)
+    status, logs = _wait(address, env, job)
+    assert status == "STOPPED" and "stopped (SIGTERM); rerun with --train.run_name=stopped" in logs, logs[-3000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("selfe").experiment_id],
+                                "tags.`selfe.train_run_name` = 'stopped'")
+    assert run.info.status == "KILLED" and not (run_dir / ".selfe-owner.json").exists()

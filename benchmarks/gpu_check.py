@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from selfe.gpucheck import (CPU, GPU, Checker, StepBench, checkpointing_cost, compile_speed, device_info,
+from selfe.bench.gpucheck import (CPU, GPU, Checker, StepBench, checkpointing_cost, compile_speed, device_info,
                             fsdp_cost, memory_table, method_ratio, sampling_latency, throughput)
 
 SECTIONS = ("throughput", "method_ratio", "checkpointing", "fsdp", "sampling", "train_shapes", "compile", "memory")
@@ -45,7 +45,7 @@ SECTIONS = ("throughput", "method_ratio", "checkpointing", "fsdp", "sampling", "
 def run_check(profile, device: torch.device, budget_s: float, bench_overrides: list[str],
               train_overrides: list[str]) -> dict[str, Any]:
     """All sections under one budget; returns the report (see ``render_markdown`` for its reading)."""
-    from selfe.gpucheck_train import train_and_score
+    from selfe.bench.gpucheck_train import train_and_score
 
     checker = Checker(budget_s, device)
     bench = StepBench(profile, device, bench_overrides)

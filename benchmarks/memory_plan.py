@@ -1,5 +1,5 @@
 """Memory plan per GPU: parameters, gradients, AdamW moments and EMA under FSDP and HSDP, plus the
-activation estimate per token with and without activation checkpointing (``selfe.memplan``).
+activation estimate per token with and without activation checkpointing (``selfe.bench.memplan``).
 
     python benchmarks/memory_plan.py --presets 0.5b 2b --workers 8 32 64 [--node-size 8]
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from selfe.config import load_config
-from selfe.memplan import markdown_table, plan
+from selfe.bench.memplan import markdown_table, plan
 
 
 def main(argv: list[str] | None = None) -> str:

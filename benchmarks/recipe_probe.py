@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from selfe.eval.runner import evaluate_steps, select_prompts
     from selfe.generator import load_generator
-    from selfe.tracking import grid_image, png_bytes
+    from selfe.tracking.images import grid_image, png_bytes
 
     out = Path(args.out)
     if args.load:

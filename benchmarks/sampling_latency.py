@@ -18,7 +18,7 @@ import time
 import torch
 
 from selfe.config import load_config
-from selfe.latency import random_conditions, time_sampling
+from selfe.bench.latency import random_conditions, time_sampling
 
 
 def _conditions(cfg) -> tuple:

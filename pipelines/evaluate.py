@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     print(table)
     if args.log_to_mlflow:
-        from selfe.tracking import log_evaluation
+        from selfe.tracking.runs import log_evaluation
 
         run_id = log_evaluation(f"eval {args.model}", {"selfe.evaluated_model": args.model},
                                 suite_metrics(suite, results), out)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := unwritable(out.parent, "--out (its folder)"):
         return fail(problem)
 
-    from selfe.tracking import grid_image, png_bytes
+    from selfe.tracking.images import grid_image, png_bytes
 
     gen = load_model_or_fail(args.model, args.tracking_uri, args.device)
     if gen is None:

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (Path(args.model_dir) / WEIGHTS).is_file():
         return fail(f"{args.model_dir} holds no {WEIGHTS}: pass the model folder the training job exported")
-    from selfe.tracking import TrackingError, TrackingUnavailable, log_and_register, use_tracking_uri, with_retries
+    from selfe.tracking.registry import log_and_register
+    from selfe.tracking.runs import TrackingError, TrackingUnavailable, use_tracking_uri, with_retries
 
     use_tracking_uri(args.tracking_uri)
     try:

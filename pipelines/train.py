@@ -147,7 +147,7 @@ def job_locations(cfg: Config, dashboard_url: str, job_config_json: str = "") ->
     """Lines that say where a job's MLflow runs and Ray dashboard are (printed before training: a
     submitted job's log is often all its user sees). ``dashboard_url`` as `ray.init` reports it (the
     head's address as the cluster sees it); ``job_config_json``: $RAY_JOB_CONFIG_JSON_ENV_VAR."""
-    from selfe.tracking import resolve_tracking_uri
+    from selfe.tracking.runs import resolve_tracking_uri
 
     lines = []
     if dashboard_url:

@@ -127,7 +127,7 @@ def load_model_or_fail(ref: str, tracking_uri: str | None = None, device: str = 
     unreadable model, unloadable encoder or absent device is printed as one line and gives None."""
     import os
 
-    from selfe.tracking import TrackingError, resolve_tracking_uri, use_tracking_uri
+    from selfe.tracking.runs import TrackingError, resolve_tracking_uri, use_tracking_uri
     from selfe.tracking.registry import load_model_ref
 
     if tracking_uri:

@@ -36,7 +36,8 @@ def registry(tmp_path_factory):
     """(tracking URI, model folder, warnings raised while logging): ``models:/selfe@champion`` registered."""
     import mlflow
 
-    from selfe.tracking import get_or_create_experiment, log_and_register
+    from selfe.tracking.registry import log_and_register
+    from selfe.tracking.runs import get_or_create_experiment
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -18,7 +18,7 @@ def _load_script():
 
 
 def test_checker_records_errors_and_skips_once_the_budget_is_spent():
-    from selfe.gpucheck import Checker
+    from selfe.bench.gpucheck import Checker
 
     checker = Checker(budget_s=60.0, device=torch.device("cpu"))
     checker.run("fails", lambda: 1 / 0)

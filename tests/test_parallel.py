@@ -25,7 +25,7 @@ from selfe.core.ema import make_ema, update_ema
 from selfe.core.model import MODEL_PRESETS, ModelConfig
 from selfe.core.objective import SelfEObjective
 from selfe.core.types import Batch, TextCond
-from selfe.memplan import param_shapes, sharded_numel
+from selfe.bench.memplan import param_shapes, sharded_numel
 from selfe.train.parallel import build_sharded_model, device_mesh, init_from_full, local_fraction, shard
 from selfe.train.step import Trainee, build_optimizer, clip_grad_norm, train_step
 
@@ -205,7 +205,7 @@ def test_hsdp_shard_fraction_is_what_the_mesh_implies(ranks):
         assert set(r["hsdp_1x2"]["fraction"].values()) == {0.5}
         assert set(r["fp32"]["fraction"].values()) == {0.5}
     assert "hsdp_replicas=3" in ranks[0]["mesh_error"] and "divisor" in ranks[0]["mesh_error"]
-    # selfe.memplan's rounding rule is FSDP2's: the run stored exactly this many elements per rank
+    # selfe.bench.memplan's rounding rule is FSDP2's: the run stored exactly this many elements per rank
     shapes = param_shapes(_cfg().model)
     stored = sum(f * s.numel() for f, s in zip(ranks[0]["fp32"]["fraction"].values(), shapes))
     assert stored == sharded_numel(shapes, WORLD)
@@ -296,7 +296,7 @@ def test_compiled_blocks_give_the_eager_loss():
 
 def test_memory_plan_matches_the_parameter_sizes():
     from selfe.core.model import build_model
-    from selfe.memplan import plan
+    from selfe.bench.memplan import plan
 
     cfg = load_config(preset="0.5b").model
     total = sum(p.numel() for p in build_model(cfg, "meta").parameters())
@@ -314,7 +314,7 @@ def test_activation_estimate_is_close_to_the_tensors_autograd_saves():
     """Bytes autograd keeps for backward (saved-tensor hooks; parameters excluded) against the
     per-token formula at fp32, for a 1+1-block model over 4 x (256 image + 16 text) tokens."""
     from selfe.core.model import build_model
-    from selfe.memplan import activation_bytes_per_token
+    from selfe.bench.memplan import activation_bytes_per_token
 
     cfg = ModelConfig(width=64, head_dim=16, double_blocks=1, single_blocks=1, text_width=8, pooled_width=8)
     model = build_model(cfg)

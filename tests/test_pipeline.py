@@ -123,7 +123,7 @@ def test_the_storage_filesystem_pickles_without_secrets(s3_server, monkeypatch):
 
 
 def test_credentials_in_uris_are_not_logged(workdir):
-    from selfe.tracking import start_run
+    from selfe.tracking.runs import start_run
 
     cfg = load_config(overrides=["--tracking.tracking_uri=http://alice:pw-123@127.0.0.1:9/",
                                  "--data.s3_endpoint=https://key:secret-456@minio.internal:9000"])

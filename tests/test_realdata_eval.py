@@ -18,7 +18,8 @@ from selfe.eval.clip_score import ClipScorer, clip_score_from_embeddings
 from selfe.eval.feature_nets import load_feature_net
 from selfe.eval.fid import GaussianStats, fid_from_features, frechet_distance, gaussian_stats
 from selfe.eval.heldout import drop_heldout, heldout_mask, heldout_unit, read_heldout
-from selfe.eval.metrics import ranking_metric, resolve_suite
+from selfe.config.evaluation import resolve_suite
+from selfe.eval.metrics import ranking_metric
 from selfe.eval.realdata import build_scorer
 
 # ------------------------------------------------------------------ FID math

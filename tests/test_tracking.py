@@ -96,7 +96,7 @@ def test_run_creation_and_registration_retry_through_a_short_outage():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    from selfe.tracking import TrackingUnavailable, with_retries
+    from selfe.tracking.runs import TrackingUnavailable, with_retries
 
     calls = []
 

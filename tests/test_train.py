@@ -12,7 +12,7 @@ from selfe.core.model import build_model
 from selfe.train.checkpoint import is_complete, load_checkpoint, load_weights
 from selfe.train.job import fit
 from selfe.train.step import build_optimizer
-from selfe.train.faults import KillOnce
+from tests.faults import KillOnce
 from selfe.train.handoff import PLACEMENT_GROUP_KEY
 from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 

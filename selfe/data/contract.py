@@ -14,12 +14,13 @@ import torch
 
 from selfe.core.types import Batch, TextCond
 
+LATENT, CAPTION, SPEC = "latent", "caption", "spec"
 TEXT_FIELDS = ("tokens", "mask", "pooled")
 """The `TextCond` fields, in the order of the text columns."""
 TEXT_COLUMNS = tuple(f"text_{f}" for f in TEXT_FIELDS)
 FAKE_COLUMNS = tuple(f"fake_{f}" for f in TEXT_FIELDS)
-TENSOR_COLUMNS = ("latent", *TEXT_COLUMNS)
-STRING_COLUMNS = ("caption", "spec")
+TENSOR_COLUMNS = (LATENT, *TEXT_COLUMNS)
+STRING_COLUMNS = (CAPTION, SPEC)
 """Kept for people and data checks; ``iter_torch_batches`` cannot convert them, so training drops them."""
 
 
@@ -29,7 +30,7 @@ def manifest_columns(latent_shape: list[int], max_tokens: int, width: int, poole
     text = {"tokens": {"shape": [max_tokens, width], "dtype": "float16"},
             "mask": {"shape": [max_tokens], "dtype": "bool"},
             "pooled": {"shape": [pooled_width], "dtype": "float16"}}
-    columns = {"latent": {"shape": list(latent_shape), "dtype": "float16"},
+    columns = {LATENT: {"shape": list(latent_shape), "dtype": "float16"},
                **{f"text_{k}": v for k, v in text.items()},
                **{c: {"dtype": "string"} for c in STRING_COLUMNS}}
     if fake:
@@ -39,7 +40,7 @@ def manifest_columns(latent_shape: list[int], max_tokens: int, width: int, poole
 
 def latent_shape(manifest: dict) -> tuple[int, int, int]:
     """(C, h, w) of the cache's latents."""
-    c, h, w = manifest["columns"]["latent"]["shape"]
+    c, h, w = manifest["columns"][LATENT]["shape"]
     return int(c), int(h), int(w)
 
 
@@ -50,6 +51,20 @@ def training_columns(manifest: dict) -> list[str]:
 
 def _cond(rows: dict[str, torch.Tensor], prefix: str, device: torch.device | str) -> TextCond:
     return TextCond(*(rows[f"{prefix}{f}"] for f in TEXT_FIELDS)).to(device, torch.float32)
+
+
+def text_cond(rows: dict[str, torch.Tensor]) -> TextCond:
+    """The text columns of ``rows`` as a `TextCond` (float tokens and pooled, bool mask), on their device."""
+    tokens, mask, pooled = (rows[c] for c in TEXT_COLUMNS)
+    return TextCond(tokens.float(), mask.bool(), pooled.float())
+
+
+def empty_text_columns(max_tokens: int, width: int, pooled_width: int) -> dict:
+    """The text columns of zero rows, in the cache's dtypes (numpy)."""
+    import numpy as np
+
+    shapes = ((0, max_tokens, width), (0, max_tokens), (0, pooled_width))
+    return {c: np.zeros(shape, dtype) for c, shape, dtype in zip(TEXT_COLUMNS, shapes, (np.float16, bool, np.float16))}
 
 
 def batch_from_rows(rows: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Batch:

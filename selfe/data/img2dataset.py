@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from selfe.configtools import ConfigError
-from selfe.data.sources import byte_table, parquet_byte_rows, read_shards
+from selfe.data.readers import byte_table, parquet_byte_rows, read_shards
 
 DOWNLOAD_FAILED = "download_failed"
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg")

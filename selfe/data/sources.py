@@ -17,9 +17,7 @@ import json
 import math
 import os
 import posixpath
-import tarfile
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,11 +25,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from selfe.configtools import ConfigError
+from selfe.data.readers import ROWS_PER_BLOCK, byte_table, fetch_files, parquet_byte_rows, read_shards
 from selfe.storage import s3_client, s3_endpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_ROWS_PER_BLOCK = 256
 
 
 # ---------------------------------------------------------------- locations
@@ -124,7 +121,7 @@ def detect_format(files: list[str]) -> str:
 
 
 def _blocks(n: int) -> int:
-    return max(1, min(n, math.ceil(n / _ROWS_PER_BLOCK)))
+    return max(1, min(n, math.ceil(n / ROWS_PER_BLOCK)))
 
 
 # ---------------------------------------------------------------- the shapes world
@@ -132,7 +129,7 @@ def _blocks(n: int) -> int:
 
 def shapes_blocks(num_samples: int) -> int:
     """Blocks ``shapes_dataset`` renders: each goes whole to one encoder actor."""
-    return math.ceil(num_samples / _ROWS_PER_BLOCK)
+    return math.ceil(num_samples / ROWS_PER_BLOCK)
 
 
 def shapes_dataset(cfg: Any) -> Any:
@@ -151,7 +148,7 @@ def shapes_dataset(cfg: Any) -> Any:
     # Scene indices as in-memory blocks rather than `ray.data.range`: no read task holding a whole CPU. One
     # row per scene, not one per range: a fused operator bundles its input up to the encoder's batch size
     # in rows, which would hand every range to one actor.
-    blocks = [np.arange(s, min(s + _ROWS_PER_BLOCK, n), dtype=np.int64) for s in range(0, n, _ROWS_PER_BLOCK)]
+    blocks = [np.arange(s, min(s + ROWS_PER_BLOCK, n), dtype=np.int64) for s in range(0, n, ROWS_PER_BLOCK)]
     in_encoders = data.encode_cpus is not None and not data.encode_gpus
     return ray.data.from_numpy(blocks).map_batches(
         _render_shapes,
@@ -204,7 +201,7 @@ def byte_source_dataset(cfg: Any, fs: pafs.FileSystem, root: str, files: list[st
         if not rows:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under data.source {cfg.data.source!r}")
         return ray.data.from_items(rows, override_num_blocks=_blocks(len(rows))).map_batches(
-            _fetch_files, batch_size=64, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs}
+            fetch_files, batch_size=64, num_cpus=cfg.data.decode_cpus, fn_kwargs={"fs": fs}
         )
     if source_format == "webdataset":
         shards = [f for f in files if f.endswith(".tar")]
@@ -269,114 +266,11 @@ def _row(row_id: str, path: str = "", caption: str = "", caption_path: str = "",
     return {"id": row_id, "path": path, "caption": caption, "caption_path": caption_path, "error": error}
 
 
-def _fetch_files(batch: dict[str, np.ndarray], fs: pafs.FileSystem) -> dict[str, np.ndarray]:
-    """Read each row's image bytes (and sidecar caption) from ``fs``."""
-    images, captions, errors = [], [], []
-    for path, caption, caption_path, error in zip(batch["path"], batch["caption"], batch["caption_path"], batch["error"]):
-        data = b""
-        if not error:
-            try:
-                with fs.open_input_stream(path) as stream:
-                    data = stream.read()
-                if caption_path:
-                    with fs.open_input_stream(caption_path) as stream:
-                        caption = stream.read().decode("utf-8", errors="replace")
-            except FileNotFoundError:
-                error = "missing_image"
-        images.append(data)
-        captions.append(caption or "")
-        errors.append(error or "")
-    return _byte_rows(list(batch["id"]), images, captions, errors)
-
-
 def read_task_cpus(source_format: str, decode_cpus: float) -> float:
     """CPUs the largest read task of ``source_format`` reserves: ``ray.data.read_parquet`` lists and samples
     its files in a 1-CPU task (Parquet sources and img2dataset's tables both read through
     ``parquet_byte_rows``); every other read, decode and write task asks for ``decode_cpus``."""
     return max(decode_cpus, 1.0 if source_format in ("parquet", "img2dataset") else 0.0)
-
-
-def parquet_byte_rows(fs: pafs.FileSystem, tables: list[str], columns: list[str], to_rows: Any, fn_kwargs: dict,
-                      num_cpus: float) -> Any:
-    """Ray Dataset of Parquet ``tables``' ``columns`` (plus ``path``), turned into byte rows by
-    ``to_rows(table, **fn_kwargs)`` (``byte_table``'s columns)."""
-    import ray.data
-
-    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, partitioning=None, num_cpus=num_cpus)
-    return ds.select_columns([*columns, "path"]).map_batches(to_rows, batch_format="pyarrow", num_cpus=num_cpus,
-                                                             fn_kwargs=fn_kwargs)
-
-
-def byte_table(ids: list[str], images: list[bytes], captions: list[str], errors: list[str]) -> pa.Table:
-    """The byte-row columns every source yields: {id, image, caption, spec, error}, as Arrow."""
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "image": pa.array(images, type=pa.binary()),
-        "caption": pa.array(captions, pa.string()),
-        "spec": pa.array([""] * len(ids), pa.string()),
-        "error": pa.array(errors, pa.string()),
-    })
-
-
-def _byte_rows(ids: list, images: list[bytes], captions: list[str], errors: list[str]) -> dict[str, np.ndarray]:
-    return {
-        "id": np.array([str(i) for i in ids], dtype=object),
-        "image": np.array(images, dtype=object),
-        "caption": np.array(captions, dtype=object),
-        "spec": np.array([""] * len(ids), dtype=object),
-        "error": np.array(errors, dtype=object),
-    }
-
-
-def read_shards(batch: dict[str, np.ndarray], fs: pafs.FileSystem, caption_key: str) -> Iterator[dict]:
-    """Stream each WebDataset tar; group members by key (path up to the first dot of the file name)."""
-    for shard, name in zip(batch["shard"], batch["name"]):
-        pending: list[tuple[str, bytes, str, str]] = []
-        try:
-            for key, members in _tar_samples(fs, str(shard)):
-                pending.append(_wds_sample(f"{name}/{key}", members, caption_key))
-                if len(pending) == _ROWS_PER_BLOCK:
-                    yield _byte_rows(*map(list, zip(*pending)))
-                    pending = []
-        except (tarfile.TarError, EOFError, OSError, zlib.error):
-            # The sample being read when the shard broke is lost with it; the shard is counted once.
-            pending.append((f"{name}:unreadable-after-{len(pending)}-samples", b"", "", "corrupt_shard"))
-        if pending:
-            yield _byte_rows(*map(list, zip(*pending)))
-
-
-def _tar_samples(fs: pafs.FileSystem, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    with fs.open_input_stream(shard) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        key, members = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = posixpath.split(member.name)
-            if base.startswith(".") or "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            member_key = posixpath.join(folder, stem)
-            if member_key != key and members:
-                yield key, members
-                members = {}
-            key = member_key
-            members[ext.lower()] = tar.extractfile(member).read()
-        if members:
-            yield key, members
-
-
-def _wds_sample(row_id: str, members: dict[str, bytes], caption_key: str) -> tuple[str, bytes, str, str]:
-    image = next((members[e] for e in _WDS_IMAGE_EXTENSIONS if e in members), None)
-    caption = ""
-    if "txt" in members:
-        caption = members["txt"].decode("utf-8", errors="replace")
-    elif "json" in members:
-        try:
-            value = json.loads(members["json"]).get(caption_key)
-            caption = value if isinstance(value, str) else ""
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            caption = ""
-    return row_id, image or b"", caption, "" if image is not None else "missing_image"
 
 
 def _check_parquet_columns(fs: pafs.FileSystem, path: str, image_column: str, caption_column: str) -> None:

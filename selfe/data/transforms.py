@@ -6,7 +6,12 @@ without Ray too, so the benchmark's single-process loop and the tests call the s
 Row accounting. Bad rows are dropped here, never silently: each stage reports what it saw to a
 `Ledger` (a Ray actor in the job) under a fingerprint of the batch's row ids. A retried batch reports
 under the same fingerprint and overwrites its first report, so counts are exact even when Ray
-re-executes tasks.
+re-executes tasks. The reasons a row is skipped for: ``missing_image`` (file absent, empty bytes, a
+sample without an image member), ``missing_caption`` (none, or only whitespace), ``corrupt_image`` (PIL
+cannot identify or fully decode it, truncated files included), ``unsupported_mode`` (pixel modes with
+no faithful RGB conversion: 16/32-bit integer, float), ``too_small`` (shorter side below
+``data.min_image_size``), ``bad_metadata`` (a metadata.jsonl line that is not a JSON object),
+``corrupt_shard`` (a WebDataset tar that ends early or cannot be read, counted once per shard).
 """
 
 from __future__ import annotations
@@ -23,17 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from selfe.data.contract import FAKE_COLUMNS, TEXT_COLUMNS
+from selfe.data.contract import CAPTION, FAKE_COLUMNS, LATENT, SPEC, TEXT_COLUMNS, empty_text_columns
 
-SKIP_REASONS = (
-    "missing_image",  # referenced file absent, empty bytes, or a sample without an image member
-    "missing_caption",  # no caption, or only whitespace
-    "corrupt_image",  # PIL cannot identify or fully decode it (truncated files included)
-    "unsupported_mode",  # pixel modes with no faithful RGB conversion (16/32-bit integer, float)
-    "too_small",  # shorter side below data.min_image_size
-    "bad_metadata",  # a metadata.jsonl line that is not a JSON object
-    "corrupt_shard",  # a WebDataset tar that ends early or cannot be read (counted once per shard)
-)
 # Modes that convert to RGB without inventing a scaling: palette, grey, CMYK, YCbCr, with or without alpha.
 _CONVERTIBLE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 _EXAMPLES_PER_REASON = 5
@@ -240,12 +236,7 @@ class CaptionEmbeddings:
             self._memo.popitem(last=False)
         if not rows:
             text = self.text
-            return {
-                "text_tokens": np.zeros((0, text.max_tokens, text.width), np.float16),
-                "text_mask": np.zeros((0, text.max_tokens), bool),
-                "text_pooled": np.zeros((0, text.pooled_width), np.float16),
-                "truncated": np.zeros(0, bool),
-            }
+            return {**empty_text_columns(text.max_tokens, text.width, text.pooled_width), "truncated": np.zeros(0, bool)}
         names = (*TEXT_COLUMNS, "truncated")
         return {name: np.stack([row[i] for row in rows]) for i, name in enumerate(names)}
 
@@ -262,7 +253,7 @@ def encode_arrays(images: np.ndarray, captions: Sequence[str], codec: Any, text:
     else:
         side = images.shape[1] // codec.downsample
         latent = np.zeros((0, codec.channels, side, side), np.float16)
-    return {"latent": latent, **text(list(captions))}
+    return {LATENT: latent, **text(list(captions))}
 
 
 def build_encoders(cfg: Any, device: str = "cpu") -> tuple[Any, Any]:
@@ -348,8 +339,8 @@ class EncodeBatch:
         timing = {"actor": self.actor, "ready": self.ready, "start": start, "end": time.time(), "rows": len(ids)}
         _report(self.ledger, "encode", ids, {"written": len(ids), "truncated_caption": int(truncated.sum())}, examples,
                 timing)
-        out["caption"] = np.array(captions, dtype=object)
-        out["spec"] = np.array([str(s) for s in batch["spec"]], dtype=object)
+        out[CAPTION] = np.array(captions, dtype=object)
+        out[SPEC] = np.array([str(s) for s in batch["spec"]], dtype=object)
         return out
 
 

@@ -17,7 +17,6 @@ Two kinds of FID feature network (``eval.fid_features``), told apart by what the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,6 @@ from selfe.encoders.storage import is_hub_id, load_pretrained, resolve_model_dir
 _HOW_TO = ("pass a folder (local or s3://) holding one TorchScript *.pt (e.g. NVlabs' inception-2015-12-05.pt) "
            "or a transformers vision model saved with save_pretrained (config.json + preprocessor_config.json), "
            "or a hub id")
-
-
-def as_uint8_images(images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Images -> one uint8 array (N, H, W, 3); accepts uint8 or floats in [0, 1]."""
-    batch = np.stack([np.asarray(im) for im in images]) if not isinstance(images, np.ndarray) else images
-    if batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ValueError(f"expected RGB images (N, H, W, 3), got shape {batch.shape}")
-    if batch.dtype != np.uint8:
-        batch = (np.clip(batch, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return batch
 
 
 class TorchScriptFeatures:

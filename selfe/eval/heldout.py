@@ -24,10 +24,9 @@ import pyarrow as pa
 import torch
 
 from selfe.core.types import TextCond
-from selfe.data.contract import TEXT_COLUMNS
+from selfe.data.contract import CAPTION, LATENT, TENSOR_COLUMNS, text_cond
 
 _SALT = b"selfe-heldout\0"
-_ROW_COLUMNS = ("latent", *TEXT_COLUMNS)
 
 
 def heldout_unit(caption: str) -> float:
@@ -43,7 +42,7 @@ def heldout_mask(captions: Iterable[str], fraction: float) -> np.ndarray:
 
 def drop_heldout(batch: pa.Table, fraction: float) -> pa.Table:
     """A Ray Data ``map_batches`` function (``batch_format="pyarrow"``): the rows training may see."""
-    keep = ~heldout_mask(batch.column("caption").to_pylist(), fraction)
+    keep = ~heldout_mask(batch.column(CAPTION).to_pylist(), fraction)
     return batch.filter(pa.array(keep))
 
 
@@ -87,24 +86,23 @@ def read_heldout(cache_path: str, fraction: float, limit: int, endpoint: str = "
 
     manifest = read_manifest(cache_path, endpoint)
     fs, root = filesystem_for(cache_path, endpoint)
-    shapes = {c: manifest["columns"][c]["shape"] for c in _ROW_COLUMNS}
+    shapes = {c: manifest["columns"][c]["shape"] for c in TENSOR_COLUMNS}
     captions: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in _ROW_COLUMNS}
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in TENSOR_COLUMNS}
     for name in manifest["files"]:
         if len(captions) >= limit:
             break
         path = posixpath.join(root, name)
-        file_captions = pq.read_table(path, columns=["caption"], filesystem=fs).column("caption").to_pylist()
+        file_captions = pq.read_table(path, columns=[CAPTION], filesystem=fs).column(CAPTION).to_pylist()
         rows = np.flatnonzero(heldout_mask(file_captions, fraction))[: limit - len(captions)]
         if not len(rows):
             continue
-        table = pq.read_table(path, columns=list(_ROW_COLUMNS), filesystem=fs).take(pa.array(rows))
+        table = pq.read_table(path, columns=list(TENSOR_COLUMNS), filesystem=fs).take(pa.array(rows))
         captions += [file_captions[i] for i in rows]
-        for c in _ROW_COLUMNS:
+        for c in TENSOR_COLUMNS:
             parts[c].append(_column_array(table, c, shapes[c]))
     if not captions:
         raise ValueError(f"cache {cache_path} ({manifest['rows']} rows) has no held-out row at "
                          f"eval.heldout_fraction={fraction}: raise the fraction or use a larger dataset")
-    tensors = {c: torch.from_numpy(np.concatenate(parts[c])) for c in _ROW_COLUMNS}
-    cond = TextCond(tensors["text_tokens"].float(), tensors["text_mask"].bool(), tensors["text_pooled"].float())
-    return HeldoutSlice(captions, cond, tensors["latent"].float().numpy())
+    tensors = {c: torch.from_numpy(np.concatenate(parts[c])) for c in TENSOR_COLUMNS}
+    return HeldoutSlice(captions, text_cond(tensors), tensors[LATENT].float().numpy())

@@ -1,15 +1,12 @@
 """The names of the evaluation metrics, in one place: training, sweeps, evaluation and the
 reproduction study log under these, and Tune ranks trials by ``ranking_metric(suite)``. No Ray, no MLflow.
 
-Two suites (``eval.suite``): ``geneval_lite`` scores the procedurally rendered shapes world against
+Two suites (``eval.suite``, named with the config in ``selfe.config.evaluation``): ``geneval_lite`` scores the procedurally rendered shapes world against
 its prompt specs; ``clip_fid`` scores a held-out slice of the user's own data (``selfe.eval.heldout``)
 with CLIP score and FID. ``auto`` picks GenEval-lite for the shapes source and CLIP/FID otherwise.
 """
 
 from __future__ import annotations
-
-SUITES = ("geneval_lite", "clip_fid")
-"""The evaluation suites ``eval.suite`` names (besides ``"auto"``)."""
 
 FEWSTEP_METRIC = "geneval_fewstep"
 """Mean GenEval-lite overall over ``eval.periodic_steps`` (default 1, 2, 4), reported during training."""
@@ -23,15 +20,6 @@ METRIC_MODES = {FEWSTEP_METRIC: "max", CLIP_FEWSTEP_METRIC: "max", FID_FEWSTEP_M
 """Whether more (max) or less (min) is better, for every periodic metric."""
 UNSCORED = {"max": 0.0, "min": float("inf")}
 """The value a periodic metric carries in reports before its first evaluation: the worst there is."""
-
-
-def resolve_suite(suite: str, source: str) -> str:
-    """``"auto"`` -> ``"geneval_lite"`` for the shapes source, ``"clip_fid"`` for any other."""
-    if suite == "auto":
-        return "geneval_lite" if source == "shapes" else "clip_fid"
-    if suite not in SUITES:
-        raise ValueError(f"eval.suite must be auto, {' or '.join(SUITES)}, got {suite!r}")
-    return suite
 
 
 def periodic_metrics(suite: str) -> tuple[str, ...]:

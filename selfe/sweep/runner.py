@@ -62,7 +62,7 @@ def trial_dirname(trial: Any) -> str:
 
 def _absolute_inputs(spec: SweepSpec, base: Config) -> None:
     """Trials run in their own working directories: pin the cache and the tracking URI."""
-    from selfe.tracking import resolve_tracking_uri
+    from selfe.tracking.runs import resolve_tracking_uri
 
     if "://" not in base.data.cache_root:
         spec.base.append(f"--data.cache_root={Path(base.data.cache_root).resolve()}")
@@ -242,7 +242,7 @@ def _fit(spec: SweepSpec, base: Config, context: TrialContext, ledger: Ledger,
 
 def _parent_run(base: Config, spec: SweepSpec) -> str:
     """The sweep's MLflow parent run (the existing one when the sweep resumes)."""
-    from selfe.tracking import find_or_start_run, log_run_file, log_run_text
+    from selfe.tracking.runs import find_or_start_run, log_run_file, log_run_text
 
     run_id = find_or_start_run(base, spec.name, match=parent_tags(spec.name),
                                tags={"selfe.sweep_space": spec.source, "selfe.sweep_search": spec.search})
@@ -259,7 +259,7 @@ def _end_runs_early(base: Config, spec: SweepSpec, ledger: Ledger, parent_run_id
 
     from mlflow import MlflowClient
 
-    from selfe.tracking import end_run, find_run
+    from selfe.tracking.runs import end_run, find_run
 
     with contextlib.suppress(Exception):
         for key in ledger.trials:
@@ -280,7 +280,8 @@ def _export(spec: SweepSpec, best: TrialRow, model_dir: Path, fs: Any) -> None:
 def _finish_tracking(spec: SweepSpec, base: Config, rows: list[TrialRow], best: TrialRow | None, parent_run_id: str,
                      table: str, png: bytes | None, out_dir: Path, fs: Any) -> int | None:
     """Close the child runs with their outcome, register the best model, log the summary to the parent."""
-    from selfe.tracking import end_run, find_run, log_and_register, run_tags, set_run_tags
+    from selfe.tracking.registry import log_and_register
+    from selfe.tracking.runs import end_run, find_run, run_tags, set_run_tags
     from selfe.tracking.runlog import RunLogger
 
     for row in rows:

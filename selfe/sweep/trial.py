@@ -79,7 +79,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
 
 def child_run(cfg: Config, context: TrialContext, trial_id: str, run_name: str, params: dict[str, Any]) -> str:
     """This trial's MLflow child run under the sweep's parent; the same one when the trial restarts."""
-    from selfe.tracking import find_or_start_run
+    from selfe.tracking.runs import find_or_start_run
 
     tags = {ROLE_TAG: "trial", **{f"sweep.{k}": str(v) for k, v in params.items() if k != TRIAL_KEY}}
     return find_or_start_run(cfg, run_name, match=trial_tags(context.sweep_name, trial_id), tags=tags,

@@ -21,9 +21,13 @@ import re
 import shutil
 from pathlib import Path
 
+import mlflow
+from mlflow.tracking import MlflowClient
+
 from selfe.config import Config, load_config
 from selfe.generator import CONFIG, INFO, WEIGHTS, ImageGenerator, load_generator
 
+CHAMPION = "champion"
 BUNDLE_LIMIT_ENV = "SELFE_BUNDLE_LIMIT_MB"
 DEFAULT_BUNDLE_LIMIT_MB = 2048.0
 # Training-only dependencies: a loaded model needs neither (pyarrow stays: selfe.storage reads s3:// with it).
@@ -36,7 +40,6 @@ def model_dir_for(ref: str) -> Path:
         return local
     if not ref.startswith(("models:/", "runs:/")):
         raise ValueError(f"model {ref!r} is neither a folder nor an MLflow URI (models:/name@alias, runs:/id/model)")
-    from selfe.tracking import download_model_artifacts
 
     root = download_model_artifacts(ref)
     found = [p.parent for p in root.rglob(WEIGHTS)]
@@ -153,3 +156,44 @@ def model_signature(cfg: Config):
     side = cfg.data.resolution
     return ModelSignature(inputs=Schema([ColSpec(DataType.string)]),
                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, side, side, 3))]), params=params)
+
+
+def download_model_artifacts(ref: str) -> Path:
+    """Download a ``models:/`` or ``runs:/`` URI to a local folder."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref))
+
+
+def log_and_register(run_id: str, model_dir: str | Path, name: str, alias: str, promote_champion: bool) -> int:
+    """Log ``model_dir`` as a pyfunc model in ``run_id``, register it as ``name`` and set aliases.
+    Returns the new version number.
+
+    The model is logged from code (``selfe/tracking/pyfunc.py``), not cloudpickled: loading it imports
+    that file and this package, and unpickles nothing. Encoders only this account can read travel with
+    it (``stage_model_dir``); the signature declares prompts in, uint8 images
+    out and the sampler params; the pip requirements are this package's runtime ones."""
+    import tempfile
+
+    import selfe
+
+    code_root = Path(selfe.__file__).parent
+    with tempfile.TemporaryDirectory(prefix="selfe-model-") as staging, mlflow.start_run(run_id=run_id):
+        staged = stage_model_dir(model_dir, staging)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code_root / "tracking" / "pyfunc.py"),
+            artifacts={"model_dir": str(staged)},
+            code_paths=[str(code_root)],
+            pip_requirements=pip_requirements(),
+            # Declared so that load_model(uri, model_config={...}) may override them ("" = not set).
+            model_config={"device": "auto", "text_encoder": "", "codec_path": ""},
+        )
+    # The type hint gives the input schema only; the params (with this model's defaults) and the image
+    # output are declared here, after logging, because a signature passed to log_model that differs
+    # from the type-hinted one is replaced by it.
+    mlflow.models.set_signature(info.model_uri, model_signature(load_config(Path(model_dir) / CONFIG)))
+    version = mlflow.register_model(info.model_uri, name)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version.version)
+    if promote_champion:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return int(version.version)

@@ -22,7 +22,7 @@ sweep can give back the group of a trial Tune stopped (``selfe.sweep.resources``
 
 StepHook = Callable[[int, int, int], None]
 """Called after every optimiser step with (step, rank, world size): test-only fault injection
-(``selfe.train.faults``); production runs pass none."""
+(``tests/faults.py``); production runs pass none."""
 
 
 @dataclass

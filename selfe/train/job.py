@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from selfe.config import Config
 from selfe.configtools import ConfigError
 from selfe.data.cache import build_cache, load_cache, read_null_text
-from selfe.data.contract import STRING_COLUMNS, latent_shape
+from selfe.data.contract import CAPTION, STRING_COLUMNS, latent_shape
 from selfe.storage import ensure_ray, train_storage
 from selfe.encoders.text import TextEncoder
 from selfe.eval.runner import evaluate_steps, progress_line, select_prompts, steps_table
@@ -72,7 +72,7 @@ def _mlflow_run(cfg: Config, run_name: str) -> str | None:
     """The MLflow run of this training run: reused when the same run name resumes."""
     if not cfg.tracking.enabled:
         return None
-    from selfe.tracking import find_or_start_run
+    from selfe.tracking.runs import find_or_start_run
 
     return find_or_start_run(cfg, run_name, match={RUN_NAME_TAG: run_name})
 
@@ -81,7 +81,7 @@ def tracking_target(cfg: Config, run_id: str | None) -> TrackingTarget | None:
     """Where the workers log ``run_id``'s metrics (None without a run)."""
     if run_id is None:
         return None
-    from selfe.tracking import resolve_tracking_uri
+    from selfe.tracking.runs import resolve_tracking_uri
 
     return TrackingTarget(run_id, resolve_tracking_uri(cfg), str(metrics_spool_dir(cfg, cfg.train.run_name)))
 
@@ -140,7 +140,7 @@ def training_rows(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
     """The rows workers train on: without the held-out evaluation rows of the clip_fid suite
     (``selfe.eval.heldout``), and without the string columns (caption, spec), which
     ``iter_torch_batches`` cannot convert."""
-    if cfg.eval.resolved_suite(cfg.data.source) == "clip_fid" and "caption" in ds.schema().names:
+    if cfg.eval.resolved_suite(cfg.data.source) == "clip_fid" and CAPTION in ds.schema().names:
         from selfe.eval.heldout import drop_heldout
 
         # Default resources: fuses with the read task instead of asking Ray for another CPU.
@@ -213,7 +213,7 @@ def _last_line(error: BaseException) -> str:
 
 def _end_run_quietly(run_id: str, status: str) -> None:
     """End ``run_id`` with ``status``; a tracking store that is down is not the error to report."""
-    from selfe.tracking import end_run
+    from selfe.tracking.runs import end_run
 
     with contextlib.suppress(Exception):
         end_run(run_id, status)
@@ -241,7 +241,8 @@ def _train_and_publish(cfg: Config, run_name: str, cache_path: str, manifest: di
     version, registration_error = None, None
     if mlflow_run_id:
         from selfe.tracking.runlog import RunLogger
-        from selfe.tracking import TrackingUnavailable, log_and_register, with_retries
+        from selfe.tracking.registry import log_and_register
+        from selfe.tracking.runs import TrackingUnavailable, with_retries
 
         logger = RunLogger(mlflow_run_id, spool_dir=metrics_spool_dir(cfg, run_name))
         logger.log_metrics({"train_wall_s": train_seconds}, step)
@@ -266,7 +267,7 @@ def evaluate_and_log(cfg: Config, gen: ImageGenerator, out_dir: Path, run_id: st
     """The suite's table at cfg.eval.steps (GenEval-lite, or CLIP score + FID on the held-out rows of
     the cache at ``cache_path``), the untrained-model reference at 4 steps, and a sample grid."""
     from selfe.tracking.runlog import RunLogger
-    from selfe.tracking import grid_image, png_bytes
+    from selfe.tracking.images import grid_image, png_bytes
 
     from selfe.eval.metrics import suite_metrics
 

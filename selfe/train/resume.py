@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import ray.train
 from torch.distributed.checkpoint.api import CheckpointException
 
+from selfe.storage import filesystem_for
 from selfe.train.checkpoint import verify_checkpoint
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -31,9 +32,9 @@ UNUSABLE = ".selfe-unusable"
 
 
 def _filesystem(path: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    if fs is not None:
-        return fs, path
-    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    """``fs`` as given (Ray Train's own for its checkpoints), else ``selfe.storage``'s for ``path`` (an
+    S3-compatible endpoint from the environment included)."""
+    return (fs, path) if fs is not None else filesystem_for(path)
 
 
 def registered_checkpoints(run_dir: str, fs: pafs.FileSystem | None = None) -> list[str] | None:

@@ -102,6 +102,7 @@ class WorkerLoop:
         self.fewstep = {name: UNSCORED[METRIC_MODES[name]] for name in periodic_metrics(self.suite)}
         self.scored = False
         self.realdata = None  # clip_fid: CLIP, feature net and reference statistics, loaded on rank 0 once
+        self.codec = None  # the image codec of the periodic evaluations, built at the first one
         self.window = {"images": 0, "data_s": 0.0, "compute_s": 0.0, "start": time.perf_counter()}
         # Wall-clock (time.time) marks of the start-up and of the last step and checkpoint, carried in
         # every report (``run_facts``): where a run's fixed cost goes (benchmarks/train_overhead.py).
@@ -223,7 +224,7 @@ class WorkerLoop:
                 **{f"t_{k}": v for k, v in self.timeline.items()}}
 
     def _log_grid(self, step: int) -> None:
-        from selfe.tracking import log_grids
+        from selfe.tracking.images import log_grids
 
         latents = {s: self._sample(self.inputs.grid, s) for s in self.cfg.eval.steps}
         if self.tracker is not None:
@@ -275,7 +276,9 @@ class WorkerLoop:
         from selfe.eval.metrics import CLIP_FEWSTEP_METRIC, FEWSTEP_METRIC, FID_FEWSTEP_METRIC
 
         pe = self.inputs.periodic_eval
-        codec = build_codec(self.cfg.codec, device=self.device)
+        if self.codec is None:  # built once per worker process, not per evaluation (a VAE on the GPU presets)
+            self.codec = build_codec(self.cfg.codec, device=self.device)
+        codec = self.codec
         scores: dict[str, list[float]] = {}
         for steps in self.cfg.eval.periodic_steps:
             images = tensor_to_images(codec.decode(torch.from_numpy(self._sample(pe, steps)).to(self.device)))

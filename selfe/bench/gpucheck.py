@@ -4,7 +4,7 @@ peak memory and sampling latency of one model on one device, each timed and guar
 Two profiles: ``GPU`` (the ``0.5b`` widths, bf16, 1,024 image tokens) and ``CPU`` (tiny widths, fp32,
 64 tokens: a smoke run that proves the script works). Random tensors stand in for data in the
 step-time sections: step cost does not depend on their content. train_shapes (real training) is
-``selfe.gpucheck_train``.
+``selfe.bench.gpucheck_train``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from selfe.bench import bench_trainee, random_batch, timed_steps
+from selfe.bench.steptime import bench_trainee, random_batch, timed_steps
 from selfe.config import Config, load_config
 from selfe.core.model import MODEL_PRESETS, build_model
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
@@ -291,7 +291,7 @@ def memory_table(bench: StepBench) -> dict[str, Any]:
 def sampling_latency(bench: StepBench) -> dict[str, Any]:
     """Section sampling: ms to sample one batch at each step count with the config's guidance (EP-CFG:
     2 NFE per step), random weights and prompts; per step and per image follow."""
-    from selfe.latency import random_conditions, time_sampling
+    from selfe.bench.latency import random_conditions, time_sampling
 
     p, device = bench.profile, bench.device
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from selfe.config import Config, load_config
 from selfe.core.types import Batch, TextCond
 from selfe.encoders.image import ImageCodec, build_codec
 from selfe.encoders.text import TextEncoder
-from selfe.gpucheck import Profile
+from selfe.bench.gpucheck import Profile
 
 
 def encode_shapes(cfg: Config, n: int, codec: ImageCodec, text: TextEncoder) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""The ``[eval]`` section of a selfe config: which evaluation suite scores a model, on what, and how often.
-No Ray, no MLflow (``selfe.config`` composes it into ``Config``)."""
+"""The ``[eval]`` section of a selfe config: which evaluation suite scores a model, on what, and how often,
+and the suite names it accepts. Here, below the evaluation code that reads it (``selfe.eval``), like
+every section (``selfe.config`` composes it into ``Config``). No Ray, no MLflow."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ from dataclasses import dataclass, field
 
 from selfe.configtools import ConfigError, check_range
 from selfe.core.sampling import MAX_STEPS
-from selfe.eval.metrics import SUITES, resolve_suite
+
+SUITES = ("geneval_lite", "clip_fid")
+"""The evaluation suites ``eval.suite`` names (besides ``"auto"``)."""
+
+
+def resolve_suite(suite: str, source: str) -> str:
+    """``"auto"`` -> ``"geneval_lite"`` for the shapes source, ``"clip_fid"`` for any other."""
+    if suite == "auto":
+        return "geneval_lite" if source == "shapes" else "clip_fid"
+    if suite not in SUITES:
+        raise ValueError(f"eval.suite must be auto, {' or '.join(SUITES)}, got {suite!r}")
+    return suite
 
 
 @dataclass

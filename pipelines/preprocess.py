@@ -19,8 +19,8 @@ import argparse
 import sys
 import time
 
-from selfe.cli import OneLineParser, fail, int_in, unwritable
-from selfe.config import load_config
+from selfe.cli import OneLineParser, fail, int_in, loaded, unwritable
+from selfe.config import Config, load_config
 from selfe.configtools import ConfigError
 
 
@@ -37,14 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"--data.source={args.source}")
     if args.out:
         overrides.append(f"--data.cache_root={args.out}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(cfg.dump())
-        return 0
+    cfg = loaded(lambda: load_config(args.config, overrides), Config.dump if args.print_config else None)
+    if isinstance(cfg, int):
+        return cfg
     if problem := unwritable(cfg.data.cache_root, "data.cache_root (--out)", cfg.data.s3_endpoint):
         return fail(problem)
 
@@ -54,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, manifest = build_cache(cfg, force=args.force, num_cpus=args.num_cpus)
     except (ConfigError, FileNotFoundError, PermissionError, ConnectionError) as e:
-        print(f"preprocess failed: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     print(f"cache: {path} ({manifest['rows']} rows; {time.perf_counter() - start:.1f} s in total)")
     return 0
 

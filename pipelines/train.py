@@ -21,7 +21,7 @@ import signal
 import sys
 import traceback
 
-from selfe.cli import OneLineParser, int_in
+from selfe.cli import OneLineParser, fail, int_in, loaded, print_fields
 from selfe.config import Config, load_config
 from selfe.configtools import ConfigError
 from selfe.paths import anchor_outputs, check_outputs
@@ -39,15 +39,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="show Ray's, MLflow's and the libraries' own output on the console too (default: in the "
                          "run's log file only)")
     args, overrides = ap.parse_known_args(argv)
-    try:
+
+    def load() -> Config:
         cfg = load_config(args.config, overrides)
         args.out = anchor_outputs(cfg, args.out)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(cfg.dump())
-        return 0
+        return cfg
+
+    cfg = loaded(load, Config.dump if args.print_config else None)
+    if isinstance(cfg, int):
+        return cfg
     from selfe.train.job import TrainingFailed, default_run_name, own_run
     from selfe.train.owner import RunInUseError
 
@@ -56,14 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs(cfg, args.out)  # before anything is computed that they would hold
         with own_run(cfg, cfg.train.run_name):
             return train(cfg, args)
-    except ConfigError as e:  # also found once Ray is up (e.g. workers that would starve the read tasks)
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except RunInUseError as e:
-        print(f"run in use: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, RunInUseError) as e:  # also found once Ray is up (workers that would starve the reads)
+        return fail(str(e))
     except TrainingFailed as e:
-        print(f"training failed: {e}", file=sys.stderr)
+        fail(f"training failed: {e}")
         return 1
     except (KeyboardInterrupt, SystemExit):  # Ray Train answers Ctrl-C in fit() with sys.exit(0)
         print(f"\nstopped ({'SIGTERM' if SIGTERM_SEEN else 'Ctrl-C'}); rerun with "
@@ -113,29 +109,31 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
         traceback.print_exc(file=console.log)
         raise
     print("\n=== selfe training finished ===")
-    print(f"run name:        {res.run_name} (re-run with --train.run_name={res.run_name} to resume)")
-    print(f"steps:           {res.final_step} in {res.train_seconds:.0f} s of training")
-    print(f"checkpoint:      {res.checkpoint_path}")
-    print(f"model folder:    {res.model_dir}")
+    fields = [("run name", f"{res.run_name} (re-run with --train.run_name={res.run_name} to resume)"),
+              ("steps", f"{res.final_step} in {res.train_seconds:.0f} s of training"),
+              ("checkpoint", res.checkpoint_path), ("model folder", res.model_dir)]
     scores = [f"{steps}: {r['overall']:.3f}" + (f" +- {r['overall_se']:.3f}" if r.get("overall_se") is not None else "")
               for steps, r in res.geneval.items() if isinstance(r, dict) and r.get("overall") is not None]
     if scores:
-        print(f"GenEval-lite:    {'; '.join(scores)} (steps: overall +- SE)")
+        fields.append(("GenEval-lite", f"{'; '.join(scores)} (steps: overall +- SE)"))
     if res.grid_path:
-        print(f"sample grid:     {res.grid_path} (rows: steps {cfg.eval.steps}; prompts in samples.txt)")
+        fields.append(("sample grid", f"{res.grid_path} (rows: steps {cfg.eval.steps}; prompts in samples.txt)"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if res.mlflow_run_id:
-        print(f"MLflow run:      {res.mlflow_run_id} at {os.environ.get('MLFLOW_TRACKING_URI')}")
+        fields.append(("MLflow run", f"{res.mlflow_run_id} at {uri}"))
         if res.model_version is not None:
-            print(f"registered:      models:/{cfg.tracking.registered_model}/{res.model_version} "
-                  f"(alias @{cfg.tracking.alias}{', @champion' if args.promote or cfg.tracking.promote_champion else ''})")
-        print(f"browse:          {mlflow_ui_hint(os.environ.get('MLFLOW_TRACKING_URI', ''))}")
+            champion = ", @champion" if args.promote or cfg.tracking.promote_champion else ""
+            fields.append(("registered", f"models:/{cfg.tracking.registered_model}/{res.model_version} "
+                                         f"(alias @{cfg.tracking.alias}{champion})"))
+        fields.append(("browse", mlflow_ui_hint(uri)))
         if res.model_version is not None:
-            print(f"generate:        python pipelines/generate.py --model models:/{cfg.tracking.registered_model}@"
-                  f"{cfg.tracking.alias} --prompt \"a photo of a red circle\" --steps 2 --out red.png")
+            fields.append(("generate", f"python pipelines/generate.py --model models:/{cfg.tracking.registered_model}@"
+                                       f"{cfg.tracking.alias} --prompt \"a photo of a red circle\" --steps 2 --out red.png"))
     if not args.verbose:
-        print(f"log file:        {console.log_path}")
+        fields.append(("log file", str(console.log_path)))
+    print_fields(fields)
     if res.registration_error:
-        print(f"NOT registered:  {res.registration_error}", file=sys.stderr)
+        fail(f"NOT registered: {res.registration_error}")
         return 1
     return 0
 

@@ -1,5 +1,6 @@
-"""Command-line checks shared by the pipelines: every bad argument is one line on stderr and exit 2,
-found before a model is loaded where the argument alone shows it."""
+"""What every pipeline's command line shares: one style for every refusal (``<script>: error: <what and
+the fix>`` on one stderr line, exit 2, found before any work where the input alone shows it), loading
+and ``--print-config`` of a job config (``loaded``), and the closing summary (``print_fields``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from selfe.configtools import NAME_PATTERN
 
+T = TypeVar("T")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
 
 
@@ -26,6 +28,27 @@ def fail(message: str) -> int:
     """Report a problem found after parsing (e.g. the registry has no such model); returns 2."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     return 2
+
+
+def loaded(load: Callable[[], T], show: Callable[[T], str] | None = None) -> T | int:
+    """``load()`` (a config, validated), or the exit code: 2 after its ConfigError as the one-line error,
+    0 after printing ``show(config)`` (``--print-config``, ``--print-space``)."""
+    from selfe.configtools import ConfigError
+
+    try:
+        value = load()
+    except ConfigError as e:
+        return fail(str(e))
+    if show is not None:
+        print(show(value))
+        return 0
+    return value
+
+
+def print_fields(fields: list[tuple[str, str]]) -> None:
+    """A job's closing summary: ``label:`` padded to one column, then the value, one line each."""
+    for label, value in fields:
+        print(f"{label + ':' if label else '':<17}{value}")
 
 
 def unwritable(folder: str | Path, setting: str = "--out", endpoint: str = "") -> str | None:

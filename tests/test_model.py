@@ -37,6 +37,15 @@ def _perturb_adaln(model):
                 p.normal_(0, 0.02)
 
 
+def _live_tiny(seed: int) -> tuple:
+    """(config, a tiny model whose outputs depend on every input, its inputs)."""
+    cfg = ModelConfig(**MODEL_PRESETS["tiny"], patch_size=4)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    _perturb_adaln(model)
+    return cfg, model, _inputs(cfg)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "0.5b", "2b"])
 def test_preset_shapes_gradients_determinism(preset):
     cfg = _reduced(preset)
@@ -79,11 +88,7 @@ def test_tiny_is_under_5m():
 
 def test_gap_not_landing_time_is_embedded():
     """V depends on (t, t - s): shifting s changes the output, and s = t is the same 'gap 0' for any t."""
-    cfg = ModelConfig(**MODEL_PRESETS["tiny"], patch_size=4)
-    torch.manual_seed(1)
-    model = build_model(cfg)
-    _perturb_adaln(model)
-    x, t, s, txt, mask, pooled = _inputs(cfg)
+    cfg, model, (x, t, s, txt, mask, pooled) = _live_tiny(1)
     a = model(x, t, s, txt, mask, pooled)
     b = model(x, t, s * 0.5, txt, mask, pooled)
     assert not torch.allclose(a, b)
@@ -95,11 +100,7 @@ def test_gap_not_landing_time_is_embedded():
 
 
 def test_padding_tokens_are_ignored():
-    cfg = ModelConfig(**MODEL_PRESETS["tiny"], patch_size=4)
-    torch.manual_seed(2)
-    model = build_model(cfg)
-    _perturb_adaln(model)
-    x, t, s, txt, mask, pooled = _inputs(cfg)
+    cfg, model, (x, t, s, txt, mask, pooled) = _live_tiny(2)
     txt2 = txt.clone()
     txt2[0, 3:] = 100.0  # masked positions of sample 0
     a = model(x, t, s, txt, mask, pooled)

@@ -70,7 +70,7 @@ def test_ctrl_c_kills_the_run_a_same_name_job_is_refused_and_an_unusable_resume_
     t0 = time.time()
     second = train_to_end(tmp_path, "endings", "--train.steps=100000", timeout=120)
     refused_s = time.time() - t0
-    assert second.returncode == 2 and second.stderr.startswith("run in use: run 'endings' is in use by another job")
+    assert second.returncode == 2 and second.stderr.startswith("train.py: error: run 'endings' is in use by another job")
     assert len(second.stderr.strip().splitlines()) == 1 and "Ray" not in second.stdout, second
     assert refused_s < 30, refused_s  # decided before Ray starts (a Ray start alone takes longer here)
     assert len(runs(tmp_path, "endings")) == 1  # and it created no MLflow run

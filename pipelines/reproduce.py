@@ -26,13 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from selfe.cli import fail, unwritable
+from selfe.cli import OneLineParser, fail, unwritable
 from selfe.config import load_config
 from selfe.core.sampling import resolve_landing
 from selfe.configtools import ConfigError
-from selfe.eval.report import run_variant
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's report module lives beside this script
+from reproduce_report import run_variant  # noqa: E402
 BUDGETS = {
     # The recipe's study budget (docs/recipe.md): flow matching reached 0.62-0.70 at 50 steps after 14000
     # plain-loop steps at batch 16 in 45 minutes with compiled blocks; the Ray job runs ~15% slower on 2 cores.
@@ -214,7 +215,7 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path, firs
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", choices=list(BUDGETS), default="cpu")
     ap.add_argument("--variants", default=",".join(STUDY), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     ap.add_argument("--seeds", default="0,1,2", help=f"training seeds of {' and '.join(SEEDED)}; ablations use the first")
@@ -229,11 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
-        print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
+        return fail(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if args.max_runs is not None and args.max_runs < 1:
-        print(f"--max-runs must be at least 1, got {args.max_runs}", file=sys.stderr)
-        return 2
+        return fail(f"--max-runs must be at least 1, got {args.max_runs}")
     try:  # every config is resolved (and validated) before any training starts
         parts = [x.strip() for x in args.seeds.split(",") if x.strip()]
         if not parts or not all(x.isdigit() for x in parts):
@@ -246,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = {run_key(v, seed): variant_config(args.budget, v, extra, seed, Path(args.out))
                    for v, seed in order}
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     for folder, setting in ((args.out, "--out"), (str(Path(args.report).parent), "--report (its folder)")):
         if problem := unwritable(folder, setting):
             return fail(problem)
@@ -294,7 +292,7 @@ def wall_key(variants: list[str]) -> str:
 
 
 def report(study: Study, first_seed: int, path: Path) -> int:
-    from selfe.eval.report import missing_runs, write_report
+    from reproduce_report import missing_runs, write_report
 
     study.data["grids"] = copy_grids(study, first_seed, path.parent)
     study.save()

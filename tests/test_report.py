@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfe.eval.report import END, START, claims, merged_evals, paired_table, write_report
+from pipelines.reproduce_report import END, START, claims, merged_evals, paired_table, write_report
 
 LABELS = {"self_e": ("Self-E", []), "flow_matching": ("flow matching", []), "no_renorm": ("no renorm", []),
           "fake_from_start": ("fake from start", [])}

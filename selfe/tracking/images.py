@@ -3,7 +3,6 @@ folder with these alone; ``log_grids`` hands the PNG to a run logger."""
 
 from __future__ import annotations
 
-import functools
 import io
 from typing import Any
 
@@ -28,14 +27,15 @@ def _to_uint8(latents: np.ndarray, codec_cfg: Any) -> np.ndarray:
 def codec_for(codec_cfg: Any) -> Any:
     """The codec of ``codec_cfg``, built once per process and configuration (a VAE load per grid would
     dominate a GPU run's logging)."""
-    return _codec(repr(codec_cfg), codec_cfg)
-
-
-@functools.lru_cache(maxsize=4)
-def _codec(key: str, codec_cfg: Any) -> Any:
     from selfe.encoders.image import build_codec
 
-    return build_codec(codec_cfg)
+    key = repr(codec_cfg)
+    if key not in _CODECS:
+        _CODECS[key] = build_codec(codec_cfg)
+    return _CODECS[key]
+
+
+_CODECS: dict[str, Any] = {}
 
 
 def grid_image(rows: dict[int, np.ndarray], pad: int = 2) -> np.ndarray:

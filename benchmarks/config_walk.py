@@ -20,8 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.num_samples=32", "--model.double_blocks=1", "--model.single_blocks=1", "--model.width=64",
         "--model.head_dim=16", "--train.steps=2", "--train.batch_size=8", "--train.checkpoint_every=2",
-        "--eval.steps=1", "--eval.max_prompts=1", "--eval.untrained_reference=false", "--train.compile=false",
-        "--tracking.enabled=false"]
+        "--eval.steps=1", "--eval.max_prompts=1", "--eval.untrained_reference=false", "--train.compile=false"]
 
 
 def config_parts(cfg) -> set[int]:
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="selfe-walk-"))
     cfg = load_config(overrides=[*TINY, f"--data.cache_root={root / 'cache'}", f"--train.storage_path={root / 'ray'}",
-                                 "--train.run_name=walk"])
+                                 "--train.run_name=walk", f"--tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         stops = walk(cfg, lambda: run_training(cfg, out_root=str(root / "outputs")))

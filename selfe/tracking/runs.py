@@ -94,11 +94,11 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, pa
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+    client.log_text(run.info.run_id, redact_uri(cfg.dump()), "config.toml")
     params = {k: redact_uri(json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flatten(cfg).items()}
     items = list(params.items())
     for i in range(0, len(items), 90):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i:i + 90]])
-    client.log_text(run.info.run_id, redact_uri(cfg.dump()), "config.toml")
     return run.info.run_id
 
 

@@ -1,6 +1,19 @@
 """The training job's driver: cache -> Ray Train (FSDP2 workers) -> evaluation -> MLflow registry.
 
 Runs where ``ray job submit`` puts the entrypoint (or locally, starting Ray itself).
+
+The config's walk on this side (``benchmarks/config_walk.py`` traces it in a real run): ``run_training``
+-> ``config.evaluation`` (which suite, its networks) -> ``data.cache`` (``cachekey`` names the cache;
+``pool`` sizes the encoder actors, which load ``encoders``) -> ``tracking.runs`` (the MLflow run, the
+config as params) -> ``handoff.worker_inputs`` -> ``fit`` / ``_trainer`` (Ray Train) -> ``export_model``
+(``core.model``, ``generator.save_model_dir``) -> ``generator.ImageGenerator`` (``encoders.image``) ->
+``evaluate_and_log``: 13 files, 9 returns to a file already left.
+
+One batch's path: a source row (``data.sources``; the shapes world renders inside the encoder actor) ->
+``data.transforms.EncodeBatch`` (decode, VAE latent, text embeddings) -> a Parquet file of the cache
+(``data.cache``; columns named in ``data.contract``) -> ``load_cache`` / ``training_rows`` -> Ray Train's
+ingest -> ``data.loader.shard_batches`` in the worker -> ``contract.batch_from_rows`` -> ``train.step``
+-> ``core.objective`` -> ``core.model``.
 """
 
 from __future__ import annotations

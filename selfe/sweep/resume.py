@@ -63,7 +63,7 @@ class PlannedSearcher(Searcher):
         return {**params, TRIAL_KEY: key}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        params, proposed = self._live.get(trial_id, (None, False))
+        proposed = self._live.get(trial_id, (None, False))[1]
         if proposed and result.get(self._metric) is not None:
             self._inner.on_trial_result(trial_id, result)
 

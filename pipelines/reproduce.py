@@ -28,7 +28,7 @@ from pathlib import Path
 
 from selfe.cli import OneLineParser, fail, unwritable
 from selfe.config import load_config
-from selfe.core.sampling import resolve_landing
+from selfe.core.sampling import STEP_ETA, resolve_landing
 from selfe.configtools import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,12 +124,21 @@ def train(study: Study, variant: str, cfg, out: Path) -> dict:
     res = run_training(cfg, out_root=str(out))
     run = {"run_name": res.run_name, "mlflow_run_id": res.mlflow_run_id, "model_dir": res.model_dir,
            "model_version": res.model_version, "final_step": res.final_step, "train_s": res.train_seconds,
-           "job_s": time.time() - t0, "grid": res.grid_path, "cpu_busy_before": busy, "done": True}
+           "job_s": time.time() - t0, "grid": res.grid_path, "cpu_busy_before": busy, "done": True,
+           "sampler_defaults": sampler_defaults(cfg)}
     study.data["runs"][variant] = run
     for steps, summary in res.geneval.items():  # the job's own final evaluation: steps 1/2/4/8/50 + untrained
         study.data["evals"][f"{variant}|final|{steps}"] = summary
     study.save()
     return run
+
+
+def sampler_defaults(cfg) -> list:
+    """What the "final" scores of a run sample with: the explicit eta, or the per-step eta table of the
+    run's method (``STEP_ETA``) as JSON holds it."""
+    if cfg.sampler.eta is not None:
+        return [[0, cfg.sampler.eta]]
+    return [list(row) for row in STEP_ETA["flow_matching" if cfg.objective.method == "flow_matching" else "self_e"]]
 
 
 def cpu_busy(seconds: float = 3.0) -> float | None:
@@ -200,6 +209,15 @@ def evaluate_variant(study: Study, variant: str, cfg, run: dict, out: Path, firs
         for steps in CHECKPOINT_STEPS:
             evaluate(study, f"{variant}|ckpt{step}|{steps}", gen, records, steps, cfg, logger, step, "ckpt_")
     final = load_generator(run["model_dir"])
+    if run.get("sampler_defaults") != sampler_defaults(cfg):
+        # The per-step defaults moved since the job scored its final model (a run without the record
+        # predates them: eta = 1 everywhere): score it again, so that every seed's "final" row samples
+        # the same way. The old defaults stay in the w{omega}-eta{eta} rows.
+        for steps in FINAL_STEPS:
+            study.data["evals"].pop(f"{variant}|final|{steps}", None)
+            evaluate(study, f"{variant}|final|{steps}", final, records, steps, cfg)
+        run["sampler_defaults"] = sampler_defaults(cfg)
+        study.save()
     if run_variant(variant) in LANDED:  # a flow-matching model never saw s < t
         for policy in LANDING:
             for steps in FINAL_STEPS:

@@ -66,14 +66,15 @@ def resolve_landing(landing: str, method: str) -> str:
 
 
 STEP_ETA: dict[str, tuple[tuple[int, float], ...]] = {
-    "self_e": ((MAX_STEPS, 1.0),),
-    "flow_matching": ((MAX_STEPS, 0.5),),
+    "self_e": ((MAX_STEPS, 0.5),),
+    "flow_matching": ((2, 0.0), (MAX_STEPS, 1.0)),
 }
 """Per training method, ((most steps, eta), ...) in rising order: the first row whose bound is at least
-the step count gives the default eta. Chosen on the development prompt set (``dev``, noise seed 4321;
-docs/recipe.md, "Per-step sampler defaults"): per method the eta of {0, 0.5, 1} with the best mean
-over 2-50 steps, a step count getting its own row only where another eta beats it there by more than
-one SE. Self-E: eta = 1 (the paper's) at every step count; flow matching: 0.5."""
+the step count gives the default eta. Chosen on the development prompt set (``dev``, noise seeds 4321
+and 4322; docs/recipe.md, "Per-step sampler defaults") with the reproduction study's models: per method
+the eta of {0, 0.5, 1} with the best mean over 2-50 steps, a step count getting its own row only where
+another eta beats it there by more than the standard error of the difference. Self-E: eta = 0.5 at
+every step count; flow matching: deterministic (eta = 0) up to 2 steps, eta = 1 above."""
 
 
 def default_eta(steps: int, method: str) -> float:

@@ -13,7 +13,7 @@ included). Bottom to top:
     6  eval, generator          GenEval-lite, CLIP score and FID; a trained model that samples
     7  tracking, export         MLflow runs, registry, images; the diffusers export
     8  train                    the Ray Train driver and workers
-    9  sweep, cli               Ray Tune sweeps; the pipelines' shared command-line helpers
+    9  sweep, cli, serve        Ray Tune sweeps; the pipelines' shared command-line helpers; Ray Serve serving
     10 bench                    measuring tools (nothing in the library imports them)
 
 The pipelines (``pipelines/``, ``tune/``) and ``benchmarks/`` sit on top and are not imported by the

@@ -30,7 +30,7 @@ from selfe.encoders.image import ImageCodec, build_codec, tensor_to_images
 from selfe.encoders.text import TextEncoder
 from selfe.core.model import MMDiT, build_model
 from selfe.core.types import TextCond
-from selfe.core.sampling import randn_rows, resolve_sampler, sample
+from selfe.core.sampling import SamplerConfig, randn_rows, resolve_sampler, sample
 
 WEIGHTS, CONFIG, INFO = "weights.safetensors", "config.toml", "model_info.json"
 TEXT_ENV, CODEC_ENV = "SELFE_TEXT_ENCODER", "SELFE_CODEC_PATH"
@@ -86,6 +86,18 @@ class ImageGenerator:
                               stacklevel=2)
         return self.text.encode(list(prompts))
 
+    def sampler(self, steps: int | None = None, guidance: float | None = None, eta: float | None = None,
+                landing: str | None = None) -> SamplerConfig:
+        """The model's sampler config with the given settings (None: the model's own) and every automatic
+        one made concrete for its training method (``resolve_sampler``); validated."""
+        sc = replace(self.cfg.sampler)
+        for name, value in (("steps", steps), ("guidance", guidance), ("eta", eta), ("landing", landing)):
+            if value is not None:
+                setattr(sc, name, value)
+        sc = resolve_sampler(sc, self.cfg.objective.method)
+        sc.validate()
+        return sc
+
     @torch.no_grad()
     def generate(
         self,
@@ -98,23 +110,32 @@ class ImageGenerator:
         batch_size: int = 64,
     ) -> tuple[np.ndarray, int]:
         """Images (N, H, W, 3) uint8 for ``prompts`` and the NFE per image. Image i's noise depends
-        only on (seed, i), so results do not change with batch size."""
-        sc = replace(self.cfg.sampler)
-        for name, value in (("steps", steps), ("guidance", guidance), ("eta", eta), ("landing", landing)):
-            if value is not None:
-                setattr(sc, name, value)
-        sc = resolve_sampler(sc, self.cfg.objective.method)
-        sc.validate()
-        c = self.codec.channels
+        only on (seed, i) (``noise_seeds``), so results do not change with batch size."""
+        sc = self.sampler(steps, guidance, eta, landing)
+        keys = noise_seeds(seed, len(prompts))
         out, nfe = [], 0
         for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            cond = self.encode_prompts(chunk)
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(chunk))]
-            noise = randn_rows(torch.empty(len(chunk), c, self.latent_size, self.latent_size), gens).to(self.device)
-            latents, nfe = sample(self.model, noise, cond, self.null, sc, self.shift_mu, generator=gens)
-            out.append(tensor_to_images(self.codec.decode(latents)))
+            images, nfe = self.sample_rows(self.encode_prompts(prompts[start:start + batch_size]),
+                                           keys[start:start + batch_size], sc)
+            out.append(images)
         return np.concatenate(out), nfe
+
+    @torch.no_grad()
+    def sample_rows(self, cond: TextCond, keys: Sequence[int], sc: SamplerConfig) -> tuple[np.ndarray, int]:
+        """One batched sampling run: row i conditioned on ``cond[i]`` draws all its noise from a generator
+        seeded with ``keys[i]``, so a row's image does not depend on the rows beside it. ``sc``: a
+        resolved config (``sampler``). Returns uint8 images (B, H, W, 3) and the NFE per image."""
+        c = self.codec.channels
+        gens = [torch.Generator().manual_seed(k) for k in keys]
+        noise = randn_rows(torch.empty(len(keys), c, self.latent_size, self.latent_size), gens).to(self.device)
+        latents, nfe = sample(self.model, noise, cond.to(self.device), self.null, sc, self.shift_mu, generator=gens)
+        return tensor_to_images(self.codec.decode(latents)), nfe
+
+
+def noise_seeds(seed: int, count: int) -> list[int]:
+    """The noise seed of each of ``count`` images asked for with ``seed``: image i draws from
+    ``seed * 1_000_003 + i`` (``generate``, the registered model and the server agree on it)."""
+    return [seed * 1_000_003 + i for i in range(count)]
 
 
 def save_model_dir(path: str | Path, model: MMDiT, cfg: Config, extra: dict | None = None) -> Path:

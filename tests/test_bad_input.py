@@ -194,7 +194,7 @@ def test_the_writability_probe_on_s3(s3_server):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from tests.test_export import save_tiny_model
+    from tests.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("model") / "model")
 

@@ -36,6 +36,9 @@ RAYJOB_FIELDS = {"entrypoint", "runtimeEnvYAML", "rayClusterSpec", "submissionMo
                  "ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds", "submitterPodTemplate",
                  "submitterConfig", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId",
                  "clusterSelector", "suspend", "deletionStrategy", "managedBy", "metadata"}
+RAYSERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService", "excludeHeadPodFromServeSvc",
+                     "rayClusterDeletionDelaySeconds", "deploymentUnhealthySecondThreshold",
+                     "serviceUnhealthySecondThreshold", "managedBy"}
 CLUSTER_FIELDS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "authOptions", "headGroupSpec",
                   "workerGroupSpecs", "headServiceAnnotations", "gcsFaultToleranceOptions", "suspend", "managedBy",
                   "upgradeStrategy"}
@@ -60,7 +63,8 @@ def manifest(path: Path) -> dict:
 
 
 def cluster_spec(doc: dict) -> dict:
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    return {"RayJob": lambda s: s["rayClusterSpec"], "RayService": lambda s: s["rayClusterConfig"]}.get(
+        doc["kind"], lambda s: s)(doc["spec"])
 
 
 def groups(spec: dict) -> list[tuple[str, dict]]:
@@ -158,9 +162,11 @@ def pinned(packages: list[str], name: str) -> str:
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_manifest_schema_version_and_image(path):
     doc = manifest(path)
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayJob", "RayCluster")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayJob", "RayCluster", "RayService")
     if doc["kind"] == "RayJob":
         assert set(doc["spec"]) <= RAYJOB_FIELDS, set(doc["spec"]) - RAYJOB_FIELDS
+    if doc["kind"] == "RayService":
+        assert set(doc["spec"]) <= RAYSERVICE_FIELDS, set(doc["spec"]) - RAYSERVICE_FIELDS
     spec = cluster_spec(doc)
     assert set(spec) <= CLUSTER_FIELDS, set(spec) - CLUSTER_FIELDS
     assert set(spec["headGroupSpec"]) <= HEAD_FIELDS
@@ -214,6 +220,49 @@ def test_head_has_no_gpus_and_runs_no_tasks(path):
     assert "nvidia.com/gpu" not in resources.get("limits", {}) and "nvidia.com/gpu" not in resources.get("requests", {})
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert all(gpus(g) > 0 for g in spec["workerGroupSpecs"]), "every worker group has GPUs"
+
+
+# ---------------------------------------------------------------- serving
+
+
+SERVE_CONFIGS = {"clusters/serve.yaml": lambda: yaml.safe_load((CLUSTERS / "serve.yaml").read_text()),
+                 "kuberay/rayservice.yaml": lambda: yaml.safe_load(
+                     manifest(CLUSTERS / "kuberay" / "rayservice.yaml")["spec"]["serveConfigV2"])}
+
+
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_serve_configs_validate_and_build_the_selfe_app(name):
+    """Serve's own schema accepts the config; its app's args are serving settings that build the app (the
+    step `serve run` / KubeRay take before any replica starts); the deployment it configures exists."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from selfe.configtools import ConfigError
+    from selfe.serve.app import DEPLOYMENT, make_deployment
+    from selfe.serve.settings import ServeSettings
+
+    config = SERVE_CONFIGS[name]()
+    ServeDeploySchema.parse_obj(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "selfe.serve.app:build_app" and app["route_prefix"] == "/"
+    assert [d["name"] for d in app["deployments"]] == [DEPLOYMENT]
+    settings = ServeSettings.from_dict(app["args"])
+    assert make_deployment(settings).bind(settings.as_dict()) is not None
+    with pytest.raises(ConfigError, match="unknown serve setting"):
+        ServeSettings.from_dict({**app["args"], "max_batch": 8})
+
+
+def test_rayservice_replicas_fit_the_gpu_workers():
+    doc = manifest(CLUSTERS / "kuberay" / "rayservice.yaml")
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    (deployment,) = app["deployments"]
+    per_replica = deployment["ray_actor_options"]
+    (workers,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    node_gpus, node_cpus = gpus(workers), quantity(ray_container(workers)["resources"]["limits"]["cpu"])
+    assert per_replica["num_gpus"] == 1 and app["args"]["device"] == "cuda"
+    assert deployment["autoscaling_config"]["max_replicas"] <= workers["maxReplicas"] * node_gpus
+    assert per_replica["num_cpus"] * node_gpus <= node_cpus
+    assert deployment["max_ongoing_requests"] == app["args"]["max_ongoing_requests"]
+    assert doc["spec"]["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 
 
 # ---------------------------------------------------------------- RayJobs

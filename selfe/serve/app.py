@@ -63,7 +63,8 @@ def make_deployment(settings: ServeSettings):
             self.settings = ServeSettings(**values).validate()
             _route_logs_to_serve()
             use_tracking_uri(self.settings.tracking_uri or None)
-            self.follower = AliasFollower(self.settings.model, self.settings.device, self.settings.poll_s)
+            self.follower = AliasFollower(self.settings.model, self.settings.device, self.settings.poll_s,
+                                          fallback=self.settings.deployed_version or None)
             self.cache = TextCache(self.settings.text_cache_size)
             self.generate_batch.set_max_batch_size(self.settings.max_batch_size)
             self.generate_batch.set_batch_wait_timeout_s(self.settings.batch_wait_s)
@@ -151,10 +152,13 @@ def _route_logs_to_serve() -> None:
 def build_app(args: dict | None = None, settings: ServeSettings | None = None) -> serve.Application:
     """The application for ``serve run selfe.serve.app:build_app key=value ...`` or a Serve config's
     ``import_path`` + ``args`` (keys: ``ServeSettings``' fields). Runs where the app is built (the driver):
-    unknown keys are refused there, and a relative tracking store is made absolute, because replicas
-    run in other working directories."""
-    from selfe.tracking.runs import resolve_tracking_uri
+    unknown keys are refused there, a relative tracking store is made absolute (replicas run in other
+    working directories), and the version the model reference points at now is recorded as the one a
+    replica falls back to (``ServeSettings.deployed_version``)."""
+    from selfe.serve.source import resolve_version
+    from selfe.tracking.runs import use_tracking_uri
 
     settings = settings or ServeSettings.from_dict(dict(args or {}))
-    settings.tracking_uri = settings.tracking_uri or resolve_tracking_uri()
+    settings.tracking_uri = use_tracking_uri(settings.tracking_uri or None)
+    settings.deployed_version = resolve_version(settings.model).version or 0
     return make_deployment(settings).bind(dataclasses.asdict(settings))

@@ -37,6 +37,9 @@ class ServeSettings:
     poll_s: float = 10.0
     """How often an alias is looked up in the registry (0: never; the first version stays)."""
     num_replicas: int = 1
+    deployed_version: int = 0
+    """Set when the app is built (``build_app``): the version the alias pointed at then. A replica that
+    starts while the alias points at a version that does not load serves this one instead."""
 
     def validate(self) -> ServeSettings:
         positive = ("max_batch_size", "max_ongoing_requests", "max_queued_requests", "max_images",

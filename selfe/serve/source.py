@@ -5,6 +5,8 @@ itself, which may move while it downloads) and runs a warm-up sample. ``AliasFol
 up every ``poll_s`` seconds; when it points elsewhere the new version is loaded beside the old one and
 swapped in with one assignment, so requests in flight finish on the version they started with. A
 version that fails to load is logged and skipped (the old one keeps serving) until the alias moves again.
+A replica that starts (or is restarted) while the alias points at such a version serves the version the
+application was deployed with (``fallback``), and says so in ``last_error``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ def resolve_version(ref: str) -> ModelVersion:
     return ModelVersion(ref, m["name"], int(mv.version), m["alias"], mv.run_id)
 
 
+def pinned_version(of: ModelVersion, version: int) -> ModelVersion:
+    """``version`` of the same registered model (its own run), still named by ``of``'s alias reference."""
+    from mlflow.tracking import MlflowClient
+
+    mv = MlflowClient().get_model_version(of.name, str(version))
+    return ModelVersion(of.ref, of.name, int(mv.version), of.alias, mv.run_id)
+
+
 def load_served(version: ModelVersion, device: str = "auto") -> ServedModel:
     """Load ``version`` (pinned) and sample one image at its default steps, so the first request does not
     pay for lazy initialisation and a model that cannot sample is found before it serves."""
@@ -91,11 +101,21 @@ def load_served(version: ModelVersion, device: str = "auto") -> ServedModel:
 class AliasFollower:
     """Holds the served model (``current``) and, for an alias reference, keeps it on the alias's version."""
 
-    def __init__(self, ref: str, device: str = "auto", poll_s: float = 10.0) -> None:
+    def __init__(self, ref: str, device: str = "auto", poll_s: float = 10.0, fallback: int | None = None) -> None:
         self.ref, self.device, self.poll_s = ref, device, poll_s
-        self.current = load_served(resolve_version(ref), device)
         self.last_error: dict | None = None
         self._failed: int | None = None  # a version that would not load: not retried until the alias moves
+        first = resolve_version(ref)
+        try:
+            self.current = load_served(first, device)
+        except Exception as e:
+            if not (first.alias and fallback and fallback != first.version):
+                raise
+            self._failed = first.version
+            self.last_error = {"version": first.version, "during": "load", "error": _first_line(e), "at": time.time()}
+            log.error("version %s of %s did not load (%s); serving version %s, the one deployed", first.version,
+                      ref, _first_line(e), fallback)
+            self.current = load_served(pinned_version(first, fallback), device)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.current.version.alias and poll_s > 0:

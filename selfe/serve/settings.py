@@ -21,7 +21,8 @@ class ServeSettings:
     """MLflow tracking URI ("": $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)."""
     device: str = "auto"
     max_batch_size: int = 16
-    """Most images in one batched forward."""
+    """Most images in one batched forward (requests are gathered until their images reach it; a batch
+    can fill only if max_ongoing_requests x the requests' images reaches it)."""
     batch_wait_s: float = 0.02
     """How long the first request of a batch waits for others."""
     max_ongoing_requests: int = 32
@@ -52,9 +53,6 @@ class ServeSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"serve setting {name} must be >= 0, got {value!r}")
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ConfigError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size "
-                              f"({self.max_batch_size}): a batch could never fill; raise max_ongoing_requests")
         return self
 
     @classmethod

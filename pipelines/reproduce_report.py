@@ -3,7 +3,8 @@
 Evaluation keys are ``"{run}|{tag}|{steps}"`` with tag ``final``, ``ckpt{N}``, ``landing-{policy}``
 or ``w{omega}-eta{eta}``; each value is a GenEval-lite summary (overall, per_task, heldout, nfe,
 num_images). A run is ``{variant}@s{seed}`` (or a bare variant in one-seed studies); the report merges
-the seeds of a variant: mean, standard error over seeds, and the binomial error of the pooled images.
+the seeds of a variant: mean, its standard error (seeds' spread and evaluation sampling, ``merge_seeds``)
+and the binomial error of the pooled images.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ def run_variant(run: str) -> str:
 
 def merge_seeds(summaries: list[dict]) -> dict:
     """One summary from a variant's seeds: the mean of overall, per_task and heldout, ``seeds``,
-    ``se_seeds`` (standard error of the mean over seeds; None with one) and ``se_binomial``
-    (sqrt(p (1 - p) / n) over all the seeds' images)."""
+    ``se_seeds`` (standard error of the mean over seeds; None with one), ``se_binomial``
+    (sqrt(p (1 - p) / n) over all the seeds' images) and ``se``, the error the claims allow.
+
+    ``se`` has two parts. The seeds' spread says how much the mean moves with another training seed;
+    it misses the evaluation's own sampling error, because every seed is scored on the same prompts
+    and noise (an unlucky prompt draw is unlucky for all of them, and two seeds that happen to tie
+    have a spread of 0). That part is the binomial error of one seed's evaluation, p (1 - p) / n with
+    n its prompts. se = sqrt(se_seeds^2 + p (1 - p) / n); with one seed, the binomial error alone."""
     k, overall = len(summaries), [s["overall"] for s in summaries]
     mean = sum(overall) / k
     images = sum(s.get("num_images") or 0 for s in summaries)
@@ -34,7 +41,9 @@ def merge_seeds(summaries: list[dict]) -> dict:
             "per_task": {t: sum(s["per_task"][t] for s in summaries) / k for t in summaries[0]["per_task"]},
             "heldout": sum(held) / len(held) if held else None,
             "se_seeds": _se_of_mean(overall) if k > 1 else None,
-            "se_binomial": math.sqrt(mean * (1 - mean) / images) if images else None}
+            "se_binomial": math.sqrt(mean * (1 - mean) / images) if images else None,
+            "se": math.hypot(_se_of_mean(overall) if k > 1 else 0.0,
+                             math.sqrt(mean * (1 - mean) / (images / k)) if images else 0.0)}
 
 
 def _se_of_mean(values: list[float]) -> float:
@@ -52,15 +61,15 @@ def merged_evals(data: dict) -> dict[tuple[str, str, str], dict]:
 
 
 def _se(s: dict) -> float:
-    """The error a claim allows: over seeds where there are several, else the binomial one."""
-    return s["se_seeds"] if s.get("se_seeds") is not None else (s.get("se_binomial") or 0.0)
+    """The error a claim allows: seeds' spread and evaluation sampling together (``merge_seeds``)."""
+    return s.get("se") or 0.0
 
 
 def _cell(ev: dict, variant: str, tag: str, steps) -> str:
     s = ev.get((variant, tag, str(steps)))
     if s is None:
         return "—"
-    return f"{s['overall']:.3f}" + (f" ± {s['se_seeds']:.3f}" if s.get("se_seeds") is not None else "")
+    return f"{s['overall']:.3f}" + (f" ± {s['se']:.3f}" if s.get("seeds", 1) > 1 else "")
 
 
 def _score(ev: dict, variant: str, tag: str, steps) -> float | None:
@@ -184,7 +193,7 @@ def _diff_se(ev: dict, a: tuple[str, str, str], b: tuple[str, str, str]) -> floa
 
 def claims(ev: dict) -> list[str]:
     """The paper's claims (selfe-method.md section 5), each a yes/no computed from the study's numbers,
-    which follow it. SE: over seeds where a variant has several, else binomial over the images. "At least
+    which follow it. SE: the seeds' spread and the evaluation's sampling error together (``merge_seeds``). "At least
     level" claims allow 1 SE against them; "helps"/"hurts" claims need a gap beyond 1 SE."""
     out = []
 
@@ -328,7 +337,8 @@ def render(data: dict, labels: dict, figure_dir: str) -> str:
         f"{cfg.get('resolution')}×{cfg.get('resolution')} shapes world, {cfg.get('steps')} steps at batch "
         f"{cfg.get('batch_size')}, GenEval-lite on {cfg.get('prompts')} prompts (evaluation seed fixed; same noise for "
         f"every method and training seed). Scores are means over training seeds ± their standard error where a "
-        f"variant has several. Hardware: {hw.get('gpu') or hw.get('cpu')} ({hw.get('cores')} cores), torch "
+        f"variant has several: the seeds' spread and the evaluation's sampling error (binomial over one seed's "
+        f"prompts; every seed is scored on the same prompts) together, the error the claims allow. Hardware: {hw.get('gpu') or hw.get('cpu')} ({hw.get('cores')} cores), torch "
         f"{hw.get('torch')}; {_load_line(runs)}.",
         "", f"Regenerate: `{data.get('command', 'python pipelines/reproduce.py')}`", "", *_partial_line(data),
         "### Headline: GenEval-lite overall, final models", "", headline(ev, labels), "",

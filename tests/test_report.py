@@ -143,3 +143,15 @@ def test_a_study_stopped_part_way_names_what_it_still_lacks(tmp_path: Path):
     write_report(data, path, LABELS)
     assert ("**Part-way**: 1 of 3 planned runs done (self_e@s0); still to run: flow_matching@s0, self_e@s1."
             in path.read_text())
+
+
+def test_the_error_of_a_seed_mean_keeps_the_evaluation_noise_the_seeds_share():
+    """Two seeds that tie (0.6 and 0.6 on the same 120 prompts) have no spread, but the prompts drawn are
+    one draw for both: the error is the binomial one of 120 prompts, not 0 and not that of 240 images."""
+    from pipelines.reproduce_report import merge_seeds
+
+    tied = merge_seeds([summary(0.6), summary(0.6)])
+    assert tied["se_seeds"] == 0.0 and abs(tied["se"] - (0.6 * 0.4 / 120) ** 0.5) < 1e-12
+    apart = merge_seeds([summary(0.5), summary(0.7)])  # spread 0.1 over seeds, binomial 0.0447
+    assert abs(apart["se"] - (0.1 ** 2 + 0.6 * 0.4 / 120) ** 0.5) < 1e-12
+    assert abs(merge_seeds([summary(0.6)])["se"] - (0.6 * 0.4 / 120) ** 0.5) < 1e-12

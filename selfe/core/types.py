@@ -4,6 +4,7 @@ rows, and the model, objective and sampler consume them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,12 @@ class TextCond:
         )
 
     def cat(self, other: TextCond) -> TextCond:
-        return TextCond(
-            torch.cat([self.tokens, other.tokens]), torch.cat([self.mask, other.mask]),
-            torch.cat([self.pooled, other.pooled]),
-        )
+        return TextCond.concat([self, other])
+
+    @staticmethod
+    def concat(parts: Sequence[TextCond]) -> TextCond:
+        """The rows of ``parts`` one after another (B = the sum of their batches)."""
+        return TextCond(*(torch.cat([getattr(p, name) for p in parts]) for name in ("tokens", "mask", "pooled")))
 
 
 @dataclass

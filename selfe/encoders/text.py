@@ -109,7 +109,7 @@ class TextEncoder:
             return self._empty()
         # Concatenating outside inference mode yields ordinary tensors: inference tensors cannot be saved
         # for backward, and callers feed these embeddings into a model that is being trained.
-        return TextCond(*(torch.cat([getattr(p, name) for p in parts]) for name in ("tokens", "mask", "pooled")))
+        return TextCond.concat(parts)
 
     def truncated(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B,) bool: True where a caption has more than ``max_tokens`` tokens and `encode` cuts it."""

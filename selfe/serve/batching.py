@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from selfe.core.types import TextCond
 from selfe.generator import ImageGenerator, noise_seeds
@@ -65,8 +64,7 @@ class TextCache:
             rows.append(self._rows[prompt])
         while len(self._rows) > self.size:
             self._rows.popitem(last=False)
-        cond = TextCond(*(torch.cat([getattr(r[0], name) for r in rows]) for name in ("tokens", "mask", "pooled")))
-        return cond, [r[1] for r in rows]
+        return TextCond.concat([r[0] for r in rows]), [r[1] for r in rows]
 
 
 def run_batch(gen: ImageGenerator, cache: TextCache, jobs: Sequence[Job], max_rows: int) -> list[JobResult]:

@@ -69,7 +69,7 @@ class ServeSettings:
             try:
                 out[key] = kind(value)
             except (TypeError, ValueError):
-                raise ConfigError(f"serve setting {key}={value!r} is not a {kind.__name__}") from None
+                raise ConfigError(f"serve setting {key}={value!r}: expected {kind.__name__}") from None
         return cls(**out).validate()
 
     def as_dict(self) -> dict:

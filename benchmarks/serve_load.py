@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Overload: more clients than the replica admits plus its queue; the rest must get 503 at once.
         overload = run_cell(args.port, gain_steps, 3 * (batched.max_ongoing_requests + batched.max_queued_requests),
                             20.0, args.timeout, warm_up=False).summary()
-        unbatched = ServeSettings(**{**batched.as_dict(), "max_batch_size": 1, "deployed_version": 0})
+        unbatched = ServeSettings(**{**batched.as_dict(), "max_batch_size": 1, "max_images": 1, "deployed_version": 0})
         deploy(unbatched, args.port)
         without = run_cell(args.port, gain_steps, top, args.gain_seconds, args.timeout).summary()
     finally:

@@ -49,6 +49,8 @@ def test_settings_are_checked_before_anything_starts():
         ServeSettings.from_dict({"batch": 8})
     with pytest.raises(ConfigError, match="max_batch_size=.eight.: expected int"):
         ServeSettings.from_dict({"max_batch_size": "eight"})
+    with pytest.raises(ConfigError, match=r"max_images \(8\) exceeds max_batch_size \(4\)"):
+        ServeSettings(max_batch_size=4, max_images=8).validate()
     for key, value in (("max_images", 0), ("request_timeout_s", float("inf")), ("poll_s", -1.0)):
         with pytest.raises(ConfigError, match=key):
             ServeSettings(**{key: value}).validate()

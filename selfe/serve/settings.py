@@ -53,6 +53,10 @@ class ServeSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"serve setting {name} must be >= 0, got {value!r}")
+        if self.max_images > self.max_batch_size:
+            raise ConfigError(f"max_images ({self.max_images}) exceeds max_batch_size ({self.max_batch_size}): a "
+                              "request for that many images would never fit a batch; lower max_images or raise "
+                              "max_batch_size")
         return self
 
     @classmethod

@@ -71,9 +71,9 @@ def make_deployment(settings: ServeSettings):
             self.served = 0
 
         def check_health(self) -> None:
-            """Serve restarts a replica whose model is gone (it cannot be: a swap keeps the old one)."""
-            if self.follower.current is None:
-                raise RuntimeError("no model loaded")
+            """Serve restarts a replica that stopped following its alias (the watching thread died)."""
+            if not self.follower.following():
+                raise RuntimeError(f"the registry watch of {self.settings.model} stopped")
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02,
                      batch_size_fn=lambda jobs: sum(job.num_images for job in jobs))
@@ -93,15 +93,14 @@ def make_deployment(settings: ServeSettings):
 
         @api.get("/readyz")
         def readyz(self) -> JSONResponse:
-            current = self.follower.current
-            ready = current is not None and current.warmup_s >= 0
-            return JSONResponse({"ready": ready, "version": current.version.version if current else None},
-                                status_code=200 if ready else 503)
+            # The constructor loaded a model and sampled with it (load_served), so a replica that answers is
+            # ready; until then Serve's proxy answers 503 for it.
+            return JSONResponse({"ready": True, "version": self.follower.current.version.version})
 
         @api.get("/v1/model")
         def model(self) -> dict:
             return {**self.follower.current.describe(), "last_error": self.follower.last_error,
-                    "text_cache": {"hits": self.cache.hits, "misses": self.cache.misses}}
+                    "requests_served": self.served, "text_cache": {"hits": self.cache.hits, "misses": self.cache.misses}}
 
         @api.post("/v1/images")
         async def images(self, body: ImageRequest, request: Request) -> Response:

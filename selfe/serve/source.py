@@ -147,6 +147,10 @@ class AliasFollower:
         log.info("now serving version %s of %s (was %s)", now.version, self.ref, old.version.version)
         return True
 
+    def following(self) -> bool:
+        """False only when this follower should watch the alias and its thread has died."""
+        return self._thread is None or self._stop.is_set() or self._thread.is_alive()
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             self.check()

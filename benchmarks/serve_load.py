@@ -100,9 +100,9 @@ def run_cell(port: int, steps: int, concurrency: int, seconds: float, timeout: f
 def deploy(settings, port: int) -> None:
     from ray import serve
 
-    from selfe.serve.app import build_app
+    from selfe.serve.app import application
 
-    serve.run(build_app(settings=settings), name="selfe", route_prefix="/")
+    serve.run(application(settings), name="selfe", route_prefix="/")
 
 
 def main(argv: list[str] | None = None) -> dict:

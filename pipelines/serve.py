@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from selfe.serve.app import build_app
+    from selfe.serve.app import application
     from selfe.storage import ensure_ray
 
     ensure_ray(log_to_driver=args.verbose, logging_level="INFO" if args.verbose else "WARNING")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(settings=settings), name="selfe", route_prefix="/", blocking=False)
+        serve.run(application(settings), name="selfe", route_prefix="/", blocking=False)
     except Exception as e:  # e.g. the replica could not load the model: Serve's error, one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         serve.shutdown()

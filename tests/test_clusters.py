@@ -4,6 +4,7 @@ configs expect. Nothing here starts Ray or talks to Kubernetes or AWS."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import runpy
@@ -237,7 +238,7 @@ def test_serve_configs_validate_and_build_the_selfe_app(name):
     from ray.serve.schema import ServeDeploySchema
 
     from selfe.configtools import ConfigError
-    from selfe.serve.app import DEPLOYMENT, make_deployment
+    from selfe.serve.app import DEPLOYMENT, build_app, make_deployment
     from selfe.serve.settings import ServeSettings
 
     config = SERVE_CONFIGS[name]()
@@ -247,6 +248,8 @@ def test_serve_configs_validate_and_build_the_selfe_app(name):
     assert [d["name"] for d in app["deployments"]] == [DEPLOYMENT]
     settings = ServeSettings.from_dict(app["args"])
     assert make_deployment(settings).bind(settings.as_dict()) is not None
+    # Serve calls an application builder with exactly one argument, the args dict (else a TypeError at deploy)
+    assert list(inspect.signature(build_app).parameters) == ["args"]
     with pytest.raises(ConfigError, match="unknown serve setting"):
         ServeSettings.from_dict({**app["args"], "max_batch": 8})
 

@@ -148,16 +148,21 @@ def _route_logs_to_serve() -> None:
             ours.addHandler(handler)
 
 
-def build_app(args: dict | None = None, settings: ServeSettings | None = None) -> serve.Application:
+def build_app(args: dict) -> serve.Application:
     """The application for ``serve run selfe.serve.app:build_app key=value ...`` or a Serve config's
-    ``import_path`` + ``args`` (keys: ``ServeSettings``' fields). Runs where the app is built (the driver):
-    unknown keys are refused there, a relative tracking store is made absolute (replicas run in other
-    working directories), and the version the model reference points at now is recorded as the one a
-    replica falls back to (``ServeSettings.deployed_version``)."""
+    ``import_path`` + ``args`` (keys: ``ServeSettings``' fields; Serve calls a builder with that one dict).
+    Unknown keys are refused where the app is built, before any replica starts."""
+    return application(ServeSettings.from_dict(dict(args)))
+
+
+def application(settings: ServeSettings) -> serve.Application:
+    """The application for ``settings``, built where it is deployed from (the driver): a relative tracking
+    store is made absolute (replicas run in other working directories), and the version the model
+    reference points at now is recorded as the one a replica falls back to
+    (``ServeSettings.deployed_version``)."""
     from selfe.serve.source import resolve_version
     from selfe.tracking.runs import use_tracking_uri
 
-    settings = settings or ServeSettings.from_dict(dict(args or {}))
     settings.tracking_uri = use_tracking_uri(settings.tracking_uri or None)
     settings.deployed_version = resolve_version(settings.model).version or 0
     return make_deployment(settings).bind(dataclasses.asdict(settings))

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from selfe.configtools import NAME_PATTERN
+from selfe.configtools import MODEL_URI, NAME_PATTERN
 
 T = TypeVar("T")
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -112,7 +111,7 @@ def model_ref(text: str) -> str:
         if run_id and path:
             return text
         raise argparse.ArgumentTypeError(f"{text!r} is incomplete; {forms}")
-    m = _MODEL_URI.match(text)
+    m = MODEL_URI.match(text)
     if m is None:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a folder nor a model URI; {forms}")
     if not NAME_PATTERN.match(m["name"]) or (m["alias"] and not NAME_PATTERN.match(m["alias"])):

@@ -95,6 +95,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))$")
+"""A registry reference: ``models:/name@alias`` or ``models:/name/<version>`` (the version checked by its user)."""
 
 
 def check_name(key: str, value: str, allow_empty: bool = False) -> None:

@@ -12,17 +12,16 @@ application was deployed with (``fallback``), and says so in ``last_error``.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from selfe.configtools import MODEL_URI
 from selfe.generator import ImageGenerator, load_generator
 from selfe.tracking.registry import model_dir_for
 
 log = logging.getLogger("selfe.serve")
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 FEW_STEPS = 2
 """A Self-E model's default serving steps: the few-step setting it is trained for."""
 
@@ -65,8 +64,8 @@ class ServedModel:
 
 def resolve_version(ref: str) -> ModelVersion:
     """Look ``ref`` up in the registry (the tracking URI already set): its version and run now."""
-    m = _MODEL_URI.match(ref)
-    if m is None:
+    m = MODEL_URI.match(ref)
+    if m is None or not (m["alias"] or m["version"].isdigit()):
         if ref.startswith(("models:/", "runs:/")) or not Path(ref).is_dir():
             raise ValueError(f"model {ref!r}: give models:/name@alias, models:/name/<version> or a model folder")
         return ModelVersion(ref)

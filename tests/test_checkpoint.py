@@ -167,3 +167,8 @@ def test_checkpoint_folders_ray_never_registered_are_removed(tmp_path):
     assert remove_unregistered(str(tmp_path)) == ["checkpoint_3"]
     assert all(p.is_dir() for p in kept) and not (tmp_path / "checkpoint_3").exists()
     assert remove_unregistered(str(tmp_path / "no-run-yet")) == []
+    stopped_early = tmp_path / "stopped-before-its-first-report"  # no snapshot: Ray starts it from step 0
+    (stopped_early / "checkpoint_1").mkdir(parents=True)
+    (stopped_early / "mlflow-spool").mkdir()
+    assert remove_unregistered(str(stopped_early)) == ["checkpoint_1"]
+    assert (stopped_early / "mlflow-spool").is_dir()

@@ -145,8 +145,10 @@ def test_preprocess_killed_midway_and_rerun_gives_exactly_the_uninterrupted_rows
     killed = subprocess.Popen([*base, f"--out={tmp_path / 'cut'}"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "cut").glob("*/builds/*/data/*.parquet")):
-        time.sleep(0.2)  # kill it once it has started writing rows
+    # Kill it once its build has started: the build's data folder exists from the write's start, while its
+    # ~64 MB Parquet file (all 600 rows here) appears only a fraction of a second before the manifest.
+    while time.time() < deadline and not list((tmp_path / "cut").glob("*/builds/*/data")):
+        time.sleep(0.1)
     killed.send_signal(signal.SIGKILL)
     killed.wait(30)
     assert not list((tmp_path / "cut").glob("*/manifest.json")), "a killed build must not look complete"

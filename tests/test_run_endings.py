@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from selfe.train.resume import registered_checkpoints
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--data.num_samples=48", "--model.double_blocks=1", "--model.single_blocks=1", "--model.width=64",
@@ -52,11 +54,12 @@ def runs(home: Path, name: str) -> list:
 
 
 def wait_for_checkpoint(home: Path, name: str, proc: subprocess.Popen, timeout_s: float = 240) -> Path:
+    """Wait until Ray Train has registered a checkpoint (named in its snapshot), not merely written one:
+    a job stopped before its first registration is started again from step 0, not resumed."""
     run_dir = home / "outputs" / "ray_results" / name
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None:
-        done = [p for p in run_dir.glob("checkpoint_*") if (p / ".metadata").exists()]
-        if done:
+        if registered_checkpoints(str(run_dir)):
             return run_dir
         time.sleep(0.5)
     proc.kill()
@@ -84,7 +87,10 @@ def test_ctrl_c_kills_the_run_a_same_name_job_is_refused_and_an_unusable_resume_
     assert run.info.status == "KILLED"
     assert not (run_dir / ".selfe-owner.json").exists()  # the name is free again
 
-    for shard in run_dir.glob("checkpoint_*/*.distcp"):  # every checkpoint damaged: nothing to resume from
+    registered = registered_checkpoints(str(run_dir))
+    shards = [s for name in registered for s in (run_dir / name).glob("*.distcp")]
+    assert registered and all(any((run_dir / name).glob("*.distcp")) for name in registered), (registered, shards)
+    for shard in shards:  # every registered checkpoint damaged: nothing to resume from
         shard.write_bytes(shard.read_bytes()[:-64])
     rerun = train_to_end(tmp_path, "endings", "--train.steps=100000", timeout=300)
     assert rerun.returncode == 1 and "training failed: " in rerun.stderr, rerun.stderr[-3000:]

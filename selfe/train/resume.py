@@ -98,10 +98,12 @@ def unusable_checkpoints(run_dir: str, fs: pafs.FileSystem | None = None) -> lis
 
 def remove_unregistered(run_dir: str, fs: pafs.FileSystem | None = None) -> list[str]:
     """Delete the run's checkpoint folders that Ray Train never registered (a worker died between
-    writing and reporting one). Call before the run starts, never while it runs. Returns the names."""
-    names = registered_checkpoints(run_dir, fs)
-    if names is None:
-        return []
+    writing and reporting one). Call before the run starts, never while it runs. Returns the names.
+
+    A run folder without Ray's snapshot registered none: a job stopped before its first checkpoint was
+    reported. Ray Train starts such a run from step 0, so its folders are removed too, not left beside
+    the new checkpoints forever (outside ``num_to_keep``'s count) looking resumable."""
+    names = registered_checkpoints(run_dir, fs) or []
     fs, run_dir = _filesystem(run_dir, fs)
     listing = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
     stray = [i.base_name for i in listing if i.type == pafs.FileType.Directory

@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """A config key, type or value is wrong. The message says which and how to fix it."""
 
 
+RANGE = re.compile(r"\s*\d+\s*-\s*\d+\s*")
+"""A CLI range of two non-negative integers, ``low-high``."""
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -35,7 +39,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"{key}: {value!r} matches none of {tp}")
     if origin in (list, tuple):
-        if isinstance(value, str):
+        if isinstance(value, str) and RANGE.fullmatch(value):  # "2-8": a (low, high) pair from the CLI
+            value = [v.strip() for v in value.split("-")]
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

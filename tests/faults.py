@@ -16,10 +16,46 @@ class KillOnce:
     step: int
     marker: str
 
-    def __call__(self, step: int, rank: int, world: int) -> None:
+    def __call__(self, step: int, rank: int, world: int, stats: dict | None = None) -> None:
         if step != self.step or rank != world - 1:
             return
         marker = Path(self.marker)
         if not marker.exists():
             marker.write_text(str(step))
             os._exit(1)
+
+
+@dataclass
+class LossRecord:
+    """Append ``step world loss`` to ``path`` after every step of rank 0: the loss history of a run
+    across its restarts and resizes (a step redone after a restart appears again)."""
+
+    path: str
+
+    def __call__(self, step: int, rank: int, world: int, stats: dict | None = None) -> None:
+        if rank == 0 and stats is not None:
+            with open(self.path, "a") as f:
+                f.write(f"{step} {world} {stats['loss']!r}\n")
+
+
+def read_losses(path: str | Path) -> tuple[dict[int, float], list[int]]:
+    """({step: the last loss recorded for it}, the world size of every recorded step in order)."""
+    losses, worlds = {}, []
+    for line in Path(path).read_text().splitlines():
+        step, world, loss = line.split()
+        losses[int(step)] = float(loss)
+        worlds.append(int(world))
+    return losses, worlds
+
+
+@dataclass
+class Pace:
+    """Sleep ``seconds`` after every step: a tiny model's run slowed to last while a test changes the
+    cluster under it."""
+
+    seconds: float
+
+    def __call__(self, step: int, rank: int, world: int, stats: dict | None = None) -> None:
+        import time
+
+        time.sleep(self.seconds)

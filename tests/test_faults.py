@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
@@ -21,6 +22,7 @@ from selfe.config import load_config
 from selfe.core.model import build_model
 from selfe.train.checkpoint import is_complete, load_weights
 from selfe.train.job import fit
+from tests.faults import LossRecord, Pace, read_losses
 from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -89,6 +91,58 @@ def test_workers_on_different_nodes_survive_node_loss(cluster, tmp_path):
     _assert_finished(cfg, run_dir)
     print(f"node loss: recovered and finished {time.time() - t_fail:.0f} s after the failure")
     nodes[1] = replacement
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.2)
+
+
+def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_trains_the_uninterrupted_losses(cluster, tmp_path):
+    """num_workers = 1-2 on two trainer nodes: one node is removed mid-run (the group goes on with one
+    worker from the latest checkpoint), then added back (the group grows to two at the next resize
+    check). Global batch, global data order and the shared step generator make every step the
+    uninterrupted 2-worker run's: losses equal to rtol 1e-4 (fp32 sums in another order only)."""
+    c, nodes = cluster
+    steps, pace = ["--train.steps=24", "--train.checkpoint_every=4"], Pace(0.25)
+    ref_cfg = _elastic_cfg(tmp_path, "fixed-2", "2", *steps, "--train.data_order=global")
+    ref_log = tmp_path / "fixed.txt"
+    assert fit(ref_cfg, "fixed-2", {"train": synthetic_dataset()}, inputs(ref_cfg, step_hooks=[LossRecord(str(ref_log))])
+               ).error is None
+    cfg = _elastic_cfg(tmp_path, "elastic", "1-2", *steps, "--train.resize_interval_s=1")
+    log = tmp_path / "elastic.txt"
+    out: dict = {}
+    loop = inputs(cfg, step_hooks=[LossRecord(str(log)), pace])
+    runner = threading.Thread(target=lambda: out.update(result=fit(cfg, "elastic", {"train": synthetic_dataset()}, loop)))
+    runner.start()
+    recorded = lambda: read_losses(log) if log.exists() else ({}, [])  # noqa: E731
+    _wait_for(lambda: len(recorded()[0]) >= 6 and recorded()[1][-1] == 2, 300, "6 steps on 2 workers")
+    t_loss = time.time()
+    c.remove_node(nodes[1])
+    _wait_for(lambda: 1 in recorded()[1], 300, "training on 1 worker")
+    t_shrunk = time.time()
+    nodes[1] = c.add_node(**NODE)
+    _wait_for(lambda: recorded()[1][-1] == 2 and 1 in recorded()[1], 300, "training on 2 workers again")
+    t_grown = time.time()
+    runner.join(timeout=600)
+    assert not runner.is_alive() and out["result"].error is None, out.get("result")
+    losses, worlds = recorded()
+    reference, ref_worlds = read_losses(ref_log)
+    assert set(ref_worlds) == {2} and sorted(losses) == sorted(reference) == list(range(1, 25))
+    shrink, grow = worlds.index(1), len(worlds) - 1 - worlds[::-1].index(1)
+    assert set(worlds[:shrink]) == {2} and worlds[grow + 1:] and set(worlds[grow + 1:]) == {2}, worlds
+    mine = torch.tensor([losses[s] for s in range(1, 25)])
+    torch.testing.assert_close(mine, torch.tensor([reference[s] for s in range(1, 25)]), rtol=1e-4, atol=1e-6)
+    print(f"elastic: shrank {t_shrunk - t_loss:.1f} s after the node loss, grew back {t_grown - t_shrunk:.1f} s "
+          f"after the node returned; steps recorded {len(worlds)} for 24")
+
+
+def _elastic_cfg(tmp_path, name: str, workers: str, *extra: str):
+    return load_config(overrides=[
+        *TINY_OVERRIDES, f"--train.storage_path={tmp_path}", f"--train.run_name={name}", f"--train.num_workers={workers}",
+        "--train.cpus_per_worker=0.5", "--train.worker_resources.trainer=1", "--train.max_failures=3", *extra])
 
 
 def test_killed_driver_resubmitted_with_the_same_name_resumes(cluster, tmp_path):

@@ -114,9 +114,27 @@ class TrainConfig:
     steps: int = 2000
     """Optimiser steps in total."""
     batch_size: int = 64
-    """Global batch (split evenly over workers)."""
-    num_workers: int = 1
-    """Ray Train workers (one per GPU on a GPU cluster)."""
+    """Global batch, whatever the worker count: its rows are split over the workers as evenly as
+    they go (sizes differ by at most one row when it does not divide) and the loss is normalised by
+    the global batch, so a step is the same optimisation on 1 or N workers."""
+    micro_batch_size: int = 0
+    """Most rows one worker puts through one forward/backward; a worker's share of the batch above it
+    runs as gradient accumulation over equal micro-batches (0: the whole share at once). Bounds
+    memory when an elastic group shrinks and each worker's share grows."""
+    num_workers: int | tuple[int, int] = 1
+    """Ray Train workers (one per GPU on a GPU cluster). A range, ``2-8`` on the command line or
+    ``[2, 8]`` in TOML, makes training elastic: it starts with what the cluster has (at least the
+    low end), goes on with fewer workers when one is lost and grows back when capacity returns, each
+    change a restart from the latest checkpoint at the new size."""
+    resize_interval_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for room to add workers while the group is healthy."""
+    data_order: str = "auto"
+    """"global": every worker reads the whole row stream in one seeded order and keeps its rows of
+    each global batch, so the batches do not depend on the worker count (a resize or a resume at
+    another size trains on exactly the samples an uninterrupted run would); each worker then reads
+    every row. "sharded": each worker reads its own split (every row read once), and the batches
+    depend on the worker count. "auto": global for one worker or an elastic range, sharded for a
+    fixed group of several. [ours]"""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; fractional values leave room for Ray Data on small machines."""
@@ -159,24 +177,62 @@ class TrainConfig:
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra custom Ray resources per worker, e.g. {"trainer": 1} to pin workers to labelled nodes."""
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: equal for a fixed group."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (int(n[0]), int(n[-1]))
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range
+        return low != high
+
+    @property
+    def global_order(self) -> bool:
+        """Whether the batches are read in one worker-count-independent order (``data_order``)."""
+        return self.data_order == "global" or (self.data_order == "auto" and (self.elastic or self.max_workers == 1))
+
     def validate(self) -> None:
-        check_range("train", self, 1, "steps", "batch_size", "num_workers")
-        if self.batch_size % self.num_workers:
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} must be divisible by train.num_workers={self.num_workers}"
-            )
+        check_range("train", self, 1, "steps", "batch_size")
+        check_range("train", self, 0, "micro_batch_size")
+        if not isinstance(self.num_workers, int) and len(self.num_workers) != 2:
+            raise ConfigError(f"train.num_workers must be a count or a range [low, high] (2-8 on the command "
+                              f"line), got {list(self.num_workers)}")
+        low, high = self.worker_range
+        if low < 1 or low > high:
+            raise ConfigError(f"train.num_workers={low}-{high}: the range needs 1 <= low <= high")
+        if self.batch_size < high:
+            raise ConfigError(f"train.batch_size={self.batch_size} is smaller than train.num_workers' "
+                              f"{high}: every worker needs at least one row of the global batch")
+        if self.data_order not in ("auto", "global", "sharded"):
+            raise ConfigError(f"train.data_order must be auto, global or sharded, got {self.data_order!r}")
+        uneven = [n for n in range(low, high + 1) if self.batch_size % n]
+        if not self.global_order and uneven:
+            # Equal splits end their epochs together only when every worker takes the same rows per step.
+            raise ConfigError(f"train.batch_size={self.batch_size} does not divide over {', '.join(map(str, uneven))} "
+                              "workers, which sharded data order needs: pick a batch that divides, or "
+                              "train.data_order=global (any batch)")
+        if self.resize_interval_s <= 0:
+            raise ConfigError(f"train.resize_interval_s must be > 0 seconds, got {self.resize_interval_s:g}")
         if self.peak_tflops < 0:
             raise ConfigError(f"train.peak_tflops must be >= 0 (0: look the GPU up), got {self.peak_tflops}")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.mixed_precision must be auto, bf16 or fp32, got {self.mixed_precision!r}")
-        if self.num_workers > 1 and not self.fsdp:
+        if high > 1 and not self.fsdp:
             raise ConfigError("train.num_workers > 1 needs train.fsdp=true (gradients are synchronised by FSDP)")
         check_range("train", self, 1, "hsdp_replicas")
-        if self.num_workers % self.hsdp_replicas:
+        odd = [n for n in range(low, high + 1) if n % self.hsdp_replicas]
+        if odd:
+            sizes = f"{low}" if low == high else f"{low}-{high} (not {', '.join(map(str, odd))})"
             raise ConfigError(
-                f"train.num_workers={self.num_workers} must be divisible by train.hsdp_replicas="
-                f"{self.hsdp_replicas} (equal shard groups); set hsdp_replicas to a divisor such as the node count"
-            )
+                f"train.num_workers={sizes} must be divisible by train.hsdp_replicas={self.hsdp_replicas} "
+                "(equal shard groups at every size); set hsdp_replicas to a divisor such as the node count, "
+                "or 1 for an elastic range")
         if self.hsdp_replicas > 1 and not self.fsdp:
             raise ConfigError("train.hsdp_replicas > 1 needs train.fsdp=true (HSDP is FSDP over a 2-D mesh)")
         if self.cpus_per_worker <= 0:

@@ -173,12 +173,20 @@ T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @dataclass
 class Draws:
-    """The random choices of one training step: drop (B,) bool, t (B,), s (B,), eps like x0."""
+    """The random choices of one training step: drop (B,) bool, t (B,), s (B,), eps like x0, and
+    optionally eps2 like x0: the fresh noise of the self-evaluation passes, drawn for the rows with
+    s < t (zeros elsewhere; row 0 holds the spare draw when no row has s < t)."""
 
     drop: torch.Tensor
     t: torch.Tensor
     s: torch.Tensor
     eps: torch.Tensor
+    eps2: torch.Tensor | None = None
+
+    def rows(self, lo: int, hi: int) -> Draws:
+        """The draws of rows lo..hi-1 (views)."""
+        return Draws(self.drop[lo:hi], self.t[lo:hi], self.s[lo:hi], self.eps[lo:hi],
+                     None if self.eps2 is None else self.eps2[lo:hi])
 
 
 @dataclass
@@ -221,6 +229,22 @@ class SelfEObjective:
         eps = torch.randn(x0.shape, device=device, dtype=x0.dtype, generator=generator)
         return Draws(drop, t, s, eps)
 
+    def draw_batch(self, shape: tuple[int, ...], step: int, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> Draws:
+        """Every random choice of one global batch of ``shape`` = (B, C, H, W), the self-evaluation
+        noise included, in the order one call on the whole batch draws them (``draw``, then eps2 for
+        the rows with s < t). Every worker draws the same numbers from the same generator and keeps
+        its rows, so a step's randomness does not depend on how the batch is split."""
+        x0 = torch.empty(shape, device=device)
+        d = self.draw(x0, step, generator)
+        if self.cfg.method == "self_e":
+            idx = torch.nonzero(d.s < d.t).flatten()
+            spare = torch.zeros(1, dtype=torch.long, device=x0.device)
+            fresh = torch.randn((max(idx.numel(), 1), *shape[1:]), device=device, generator=generator)
+            d.eps2 = torch.zeros(shape, device=device)
+            d.eps2[idx if idx.numel() else spare] = fresh
+        return d
+
     def __call__(
         self,
         model: nn.Module,
@@ -232,9 +256,14 @@ class SelfEObjective:
         fake_cond: TextCond | None = None,
         generator: torch.Generator | None = None,
         draws: Draws | None = None,
+        normalizer: float | None = None,
+        fake_normalizer: float | None = None,
     ) -> LossOutput:
         """x0 (B, C, H, W) clean latents; cond per-sample; null_cond (1, ...) the empty prompt.
-        ``draws`` fixes the random choices (tests); by default they are drawn from ``generator``."""
+        ``draws`` fixes the random choices (``draw_batch``'s rows, tests); by default they are drawn
+        from ``generator``. The loss is sum_b loss_b / ``normalizer`` (default B: the mean), and the
+        fake-score term divides by ``fake_normalizer`` (default: this batch's rows with s < t): a
+        worker's micro-batch of a larger global batch passes the global counts (``train.step``)."""
         cfg = self.cfg
         b = x0.shape[0]
         if draws is None:
@@ -255,12 +284,12 @@ class SelfEObjective:
         selfe = cfg.method == "self_e"
         if selfe:
             inputs = _StepInputs(model, ema, x0, cond, null_b, fake_cond, draws, step, generator)
-            target, aux_loss, stats = self._self_eval_target(inputs, x0_hat, lam)
+            target, aux_loss, stats = self._self_eval_target(inputs, x0_hat, lam, fake_normalizer)
         # 8. loss = mean_b w(t) mean|x0_hat - x_tgt|^2 with w = 1/t^2, computed as the equivalent
         # velocity regression V -> (x_t - x_tgt) / t, which stays well conditioned as t -> 0.
         v_target = (eps - x0) + (x0 - target) / tv
         per_sample = (v_pred.float() - v_target.float()).pow(2).flatten(1).mean(1)
-        loss = per_sample.mean()
+        loss = per_sample.mean() if normalizer is None else per_sample.sum() / normalizer
         if aux_loss is not None:
             loss = loss + cfg.fake_loss_weight * aux_loss
             stats["loss_fake"] = float(aux_loss.detach())
@@ -287,7 +316,8 @@ class SelfEObjective:
         g_u = denoise(model, x_s, s, s, null_sub)  # unconditional branch: online weights
         return g_c, g_u
 
-    def _self_eval_target(self, st: _StepInputs, x0_hat: torch.Tensor, lam: torch.Tensor):
+    def _self_eval_target(self, st: _StepInputs, x0_hat: torch.Tensor, lam: torch.Tensor,
+                          fake_normalizer: float | None = None):
         """Step 5-7: evaluate the model's own one-jump prediction and build the target.
 
         Only samples with s < t need the evaluation passes. To keep the number of forwards equal
@@ -302,7 +332,10 @@ class SelfEObjective:
         x0_hat_sg = x0_hat.detach()[idx]
         s_sub = s[idx]
         sv = s_sub.view(-1, 1, 1, 1).to(x0.dtype)
-        eps2 = torch.randn(x0_hat_sg.shape, device=x0.device, dtype=x0.dtype, generator=st.generator)
+        if st.draws.eps2 is not None:
+            eps2 = st.draws.eps2[idx].to(x0.dtype)
+        else:
+            eps2 = torch.randn(x0_hat_sg.shape, device=x0.device, dtype=x0.dtype, generator=st.generator)
         x_s = (1 - sv) * x0_hat_sg + sv * eps2  # fresh noise [ours]
         g_c, g_u = self._eval_passes(model, st.ema, x_s, s_sub, st.cond[idx], st.null_b[idx])
         delta = g_u - g_c
@@ -316,7 +349,7 @@ class SelfEObjective:
             g_f = denoise(model, x_s, s_sub, s_sub, fake_cond[idx])  # carries gradient: L_fake
             valid = (s[idx] < t[idx]).float()
             per = (g_f - x0_hat_sg).float().pow(2).flatten(1).mean(1)
-            aux_loss = (per * valid).sum() / valid.sum().clamp_min(1.0)
+            aux_loss = (per * valid).sum() / (valid.sum().clamp_min(1.0) if fake_normalizer is None else fake_normalizer)
             delta = cfg.fake_mix_k * delta + (1 - cfg.fake_mix_k) * (g_f.detach() - g_c)
         x_self_full = x0.clone()
         x_self_full[idx] = x0_hat_sg - delta

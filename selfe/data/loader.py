@@ -1,7 +1,8 @@
 """The cache's rows as training batches, reshuffled every epoch with a seed from (run seed, epoch, rank).
 
 The plain loop permutes rows held in memory (``epoch_batches``); the Ray Train worker shuffles its
-streamed shard through a seeded buffer (``shard_batches``). Both orders depend only on ``epoch_seed``,
+streamed shard through a seeded buffer (``shard_batches``), or, in global order, reads the whole stream
+and keeps its rows of each global batch (``global_batches``). Both orders depend only on ``epoch_seed``,
 so a run resumed at (epoch, batch_in_epoch) continues with exactly the batches the uninterrupted
 run would have trained on.
 """
@@ -67,3 +68,12 @@ def shard_batches(shard, batch_size: int, seed: int, epoch: int, rank: int, buff
     so the same (seed, epoch, rank) yields the same batches: a resume skips exactly what was trained."""
     shuffle = {"local_shuffle_buffer_size": buffer_rows, "local_shuffle_seed": epoch_seed(seed, epoch, rank)}
     return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **(shuffle if buffer_rows else {}))
+
+
+def global_batches(shard, batch_size: int, rows: tuple[int, int], seed: int, epoch: int, buffer_rows: int):
+    """Rows [lo, hi) of each global batch of ``batch_size`` in one epoch of the whole stream ``shard``
+    (every worker reads all of it), shuffled as rank 0 of ``shard_batches`` shuffles: batch k is the same
+    samples for any worker count, and the workers' rows of it together are the whole batch."""
+    lo, hi = rows
+    for batch in shard_batches(shard, batch_size, seed, epoch, 0, buffer_rows):
+        yield {k: v[lo:hi] for k, v in batch.items()}

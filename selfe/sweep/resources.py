@@ -37,10 +37,11 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     """What one trial holds while it trains: its driver's CPUs plus its Train workers' CPUs, GPUs and
     custom resources (train.worker_resources)."""
     t = cfg.train
-    need = {"CPU": TRIAL_DRIVER_CPUS + t.num_workers * t.cpus_per_worker}
+    workers = t.max_workers  # an elastic trial may grow to its range's high end
+    need = {"CPU": TRIAL_DRIVER_CPUS + workers * t.cpus_per_worker}
     if t.use_gpu:
-        need["GPU"] = float(t.num_workers)
-    need.update({k: t.num_workers * v for k, v in t.worker_resources.items()})
+        need["GPU"] = float(workers)
+    need.update({k: workers * v for k, v in t.worker_resources.items()})
     return need
 
 

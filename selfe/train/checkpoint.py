@@ -286,14 +286,24 @@ def load_checkpoint(
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, optimizer, join_optimizer_state(state["optim"]))
-    rng_file = _rng_file(path, _rank())
-    if rng_file.exists():  # absent when resuming with more workers than wrote the checkpoint
-        from safetensors import safe_open
-
-        with safe_open(str(rng_file), framework="pt") as f:
-            metadata = f.metadata()
-        set_rng_state(load_file(str(rng_file)), metadata, generator)
+    # The step generator is one stream shared by every rank (each draws the global batch's choices):
+    # rank 0's state, whatever the world size that wrote the checkpoint. The process RNGs are per rank,
+    # rank 0's for a rank the writing run did not have (resuming with more workers).
+    own, first = _rng_file(path, _rank()), _rng_file(path, 0)
+    if first.exists():
+        set_rng_state(*_read_rng(own if own.exists() else first))
+        shared = load_file(str(first))
+        if generator is not None and "generator" in shared:
+            generator.set_state(shared["generator"])
     return read_progress(path)
+
+
+def _read_rng(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    return load_file(str(path)), metadata
 
 
 def load_weights(path: str | Path, model: nn.Module, which: str = "ema") -> dict:

@@ -20,9 +20,9 @@ PLACEMENT_GROUP_KEY = "placement_group_id"
 """Every ``ray.train.report`` carries the hex id of the placement group the workers run in, so that a
 sweep can give back the group of a trial Tune stopped (``selfe.sweep.resources``)."""
 
-StepHook = Callable[[int, int, int], None]
-"""Called after every optimiser step with (step, rank, world size): test-only fault injection
-(``tests/faults.py``); production runs pass none."""
+StepHook = Callable[[int, int, int, dict], None]
+"""Called after every optimiser step with (step, rank, world size, the step's statistics): test-only
+fault injection and loss records (``tests/faults.py``); production runs pass none."""
 
 
 @dataclass

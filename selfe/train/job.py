@@ -133,7 +133,8 @@ def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, 
         train_loop_config={"inputs": inputs},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            num_workers=cfg.train.num_workers if not cfg.train.elastic else cfg.train.worker_range,
+            elastic_resize_monitor_interval_s=cfg.train.resize_interval_s, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **cfg.train.worker_resources},
         ),
         run_config=RunConfig(
@@ -145,7 +146,9 @@ def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, 
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
+        # Global order: every worker reads the whole stream and keeps its rows of each global batch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if cfg.train.global_order else "all",
+                                            execution_options=_ordered_ingest()),
     )
 
 
@@ -185,10 +188,11 @@ INGEST_READ_CPUS = 1.0
 def check_worker_cpus(cfg: Config, cluster_cpus: float) -> None:
     """Refuse a run whose workers would hold the CPUs the training ingest's read task needs: Ray
     would wait for them forever (a 1-CPU local Ray with the default 1-CPU worker hung silently)."""
-    held = cfg.train.num_workers * cfg.train.cpus_per_worker
+    fewest = cfg.train.worker_range[0]  # an elastic run starts with the low end of its range
+    held = fewest * cfg.train.cpus_per_worker
     if held + INGEST_READ_CPUS > cluster_cpus:
         raise ConfigError(
-            f"train.num_workers={cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker:g} "
+            f"train.num_workers={fewest} x train.cpus_per_worker={cfg.train.cpus_per_worker:g} "
             f"CPUs plus {INGEST_READ_CPUS:g} for Ray Data's read task need {held + INGEST_READ_CPUS:g} CPUs, but "
             f"the Ray cluster has {cluster_cpus:g}: lower train.cpus_per_worker (fractions are fine) or give "
             "Ray more CPUs (--num-cpus, or add nodes)")

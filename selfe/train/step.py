@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from selfe.core.ema import update_ema
@@ -68,18 +69,92 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+def split_rows(n: int, parts: int, i: int) -> tuple[int, int]:
+    """Rows [lo, hi) of part ``i`` when ``n`` rows split into ``parts`` as evenly as they go: the first
+    ``n % parts`` parts get one row more (16 rows over 3 workers: 6, 5, 5)."""
+    base, extra = divmod(n, parts)
+    lo = i * base + min(i, extra)
+    return lo, lo + base + (1 if i < extra else 0)
+
+
+@dataclass(frozen=True)
+class Share:
+    """One worker's part of a global batch of ``batch_size`` rows split over ``world`` workers, run as
+    ``micro_batches`` forward/backward passes of at most ``micro_batch_size`` rows (0: one pass)."""
+
+    batch_size: int
+    world: int = 1
+    rank: int = 0
+    micro_batch_size: int = 0
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """This worker's rows [lo, hi) of the global batch."""
+        return split_rows(self.batch_size, self.world, self.rank)
+
+    @property
+    def micro_batches(self) -> int:
+        """Passes per step, the same on every worker (sharded collectives run in lockstep): enough for
+        the largest share."""
+        largest = -(-self.batch_size // self.world)
+        return -(-largest // self.micro_batch_size) if self.micro_batch_size else 1
+
+
 def train_step(tr: Trainee, batch: Batch, null_cond: TextCond, step: int, lr: float,
-               ema_decay: float) -> dict[str, float]:
+               ema_decay: float, share: Share | None = None) -> dict[str, float]:
     """Loss, backward, clip, Adam update, EMA update with ``ema_decay`` (``selfe.core.ema.ema_decay_at``).
-    Returns the loss breakdown plus grad_norm and lr."""
+    ``batch`` holds this worker's rows of the global batch (``share``; default: the whole batch, one
+    worker). Returns the loss breakdown plus grad_norm and lr.
+
+    The step is the same optimisation whatever the split: every worker draws the global batch's random
+    choices from the same generator state (``SelfEObjective.draw_batch``) and keeps its rows, each pass
+    adds sum_b loss_b * W / B to the gradients (FSDP averages them over the W workers: the mean over
+    the B rows), and gradient accumulation over micro-batches syncs once, at the last pass. A worker
+    whose share is shorter than the pass count runs a zero-weight pass on one row instead of an empty
+    one, so every worker runs the same collectives. ``loss`` is the global batch's loss on every worker."""
+    share = share or Share(batch.x0.shape[0])
+    lo, hi = share.rows
+    if batch.x0.shape[0] != hi - lo:
+        raise ValueError(f"worker {share.rank} of {share.world} holds {batch.x0.shape[0]} rows of a global batch of "
+                         f"{share.batch_size}; its share is {hi - lo}")
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
-    device_type = batch.x0.device.type
-    with torch.autocast(device_type, dtype=tr.autocast or torch.float32, enabled=tr.autocast is not None):
-        out = tr.objective(tr.model, tr.ema, batch.x0, batch.cond, null_cond, step, batch.fake_cond, tr.generator)
+    draws = tr.objective.draw_batch((share.batch_size, *batch.x0.shape[1:]), step, batch.x0.device, tr.generator)
+    fake_normalizer = float((draws.s < draws.t).sum().clamp_min(1)) / share.world
+    draws = draws.rows(lo, hi)
     tr.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    passes, contribution, weighted = share.micro_batches, 0.0, {}
+    syncs = hasattr(tr.model, "set_requires_gradient_sync")  # FSDP2: reduce-scatter at the last pass only
+    for i in range(passes):
+        a, b = split_rows(hi - lo, passes, i)
+        weight = 1.0
+        if a == b:
+            a, b, weight = 0, 1, 0.0
+        if syncs:
+            tr.model.set_requires_gradient_sync(i == passes - 1)
+        fake = None if batch.fake_cond is None else batch.fake_cond[a:b]
+        with torch.autocast(batch.x0.device.type, dtype=tr.autocast or torch.float32, enabled=tr.autocast is not None):
+            out = tr.objective(tr.model, tr.ema, batch.x0[a:b], batch.cond[a:b], null_cond, step, fake, tr.generator,
+                               draws.rows(a, b), normalizer=share.batch_size / share.world,
+                               fake_normalizer=fake_normalizer)
+        (out.loss * weight if weight != 1.0 else out.loss).backward()
+        contribution += float(out.loss.detach()) * weight
+        for k, v in out.stats.items():  # this worker's other statistics: row-weighted over its passes
+            total, count = weighted.get(k, (0.0, 0.0))
+            weighted[k] = (total + v * (b - a) * weight, count + (b - a) * weight)
     grad_norm = clip_grad_norm(tr.model, tr.grad_clip)
     tr.optimizer.step()
     update_ema(tr.ema, tr.model, ema_decay)
-    return {**out.stats, "grad_norm": grad_norm, "lr": lr}
+    stats = {k: total / count for k, (total, count) in weighted.items() if count > 0}
+    stats["loss"] = global_mean(contribution, share.world, batch.x0.device)
+    return {**stats, "grad_norm": grad_norm, "lr": lr}
+
+
+def global_mean(contribution: float, world: int, device: torch.device) -> float:
+    """The global batch's loss from each worker's ``contribution`` (its passes' losses, already scaled
+    by W / B): their sum over workers / W."""
+    if world > 1 and dist.is_initialized():
+        t = torch.tensor([contribution], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+        dist.all_reduce(t)
+        return float(t) / world
+    return contribution

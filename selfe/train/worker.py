@@ -25,14 +25,14 @@ from selfe.core.ema import ema_decay_at, make_ema
 from selfe.core.objective import SelfEObjective
 from selfe.core.sampling import resolve_sampler, sample
 from selfe.data.contract import batch_from_rows
-from selfe.data.loader import shard_batches
+from selfe.data.loader import global_batches, shard_batches
 from selfe.eval.metrics import METRIC_MODES, UNSCORED, periodic_metrics
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInputs
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train.resume import restore_first_usable
-from selfe.train.step import Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
+from selfe.train.step import Share, Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
 
 
 def node_threads(local_workers: int) -> int:
@@ -86,13 +86,14 @@ class WorkerLoop:
         self.tr = Trainee(model, ema, SelfEObjective(cfg.objective, inputs.image_tokens),
                           build_optimizer(model, cfg.optim), cfg.optim.grad_clip,
                           mp_dtype if not is_sharded(model) else None,
-                          torch.Generator(self.device).manual_seed(cfg.train.seed * 1000 + 17 + self.rank))
+                          # One stream on every worker: each draws the global batch's choices and keeps its rows.
+                          torch.Generator(self.device).manual_seed(cfg.train.seed * 1000 + 17))
         self.null = inputs.null.to(self.device)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.resumed_from = -1  # the step of the checkpoint this run resumed from (reported, for tests)
         group = ray.util.get_current_placement_group()  # fixed for the worker's life
         self.placement_group = group.id.hex() if group else ""
-        self.per_worker = cfg.train.batch_size // self.world
+        self.share = Share(cfg.train.batch_size, self.world, self.rank, cfg.train.micro_batch_size)
         self.peak = device_peak_flops(self.device, "bf16" if mp_dtype else "fp32", cfg.train.peak_tflops)
         # Share of each parameter this rank stores (about 1 / world under FSDP).
         self.param_fraction = float(np.mean(list(local_fraction(model).values())))
@@ -141,8 +142,7 @@ class WorkerLoop:
                   + (": compiling the blocks first (slow first steps)" if cfg.train.compile else ""), flush=True)
         while self.step < cfg.train.steps:
             seen, t_wait = 0, time.perf_counter()
-            for raw in shard_batches(shard, self.per_worker, cfg.train.seed, self.epoch, self.rank,
-                                     cfg.data.shuffle_buffer_rows):
+            for raw in self._batches(shard):
                 seen += 1
                 if seen <= self.batch_in_epoch:  # resuming mid-epoch: skip what the checkpoint trained on
                     t_wait = time.perf_counter()
@@ -150,7 +150,7 @@ class WorkerLoop:
                 stats = self._train_one(batch_from_rows(raw, self.device), t_wait)
                 self.batch_in_epoch = seen
                 for hook in self.inputs.step_hooks:
-                    hook(self.step, self.rank, self.world)
+                    hook(self.step, self.rank, self.world, stats)
                 self.report(stats)
                 t_wait = time.perf_counter()
                 if self.step >= cfg.train.steps:
@@ -163,14 +163,25 @@ class WorkerLoop:
         if self.tracker is not None:
             self.tracker.close()
 
+    def _batches(self, shard):
+        """This worker's rows of each global batch of the current epoch. Global order: every worker
+        reads the whole stream in the order of (seed, epoch) and keeps its rows, so batch k of an epoch
+        is the same samples whatever the worker count, and ``batch_in_epoch`` (global batches consumed)
+        places a resume at any size exactly. Sharded: each worker reads its own split in its own
+        order; a resume at another size skips as many samples, not the same ones."""
+        t, (lo, hi), buffer = self.cfg.train, self.share.rows, self.cfg.data.shuffle_buffer_rows
+        if t.global_order:
+            return global_batches(shard, t.batch_size, (lo, hi), t.seed, self.epoch, buffer)
+        return shard_batches(shard, hi - lo, t.seed, self.epoch, self.rank, buffer)
+
     def _train_one(self, batch, t_wait: float) -> dict[str, float]:
         """One optimiser step on ``batch``; the window's timers split data wait from compute."""
         cfg, t_compute = self.cfg, time.perf_counter()
         stats = train_step(self.tr, batch, self.null, self.step, lr_at(self.step, cfg.optim, cfg.train.steps),
-                           ema_decay_at(self.step, cfg.ema, cfg.train.batch_size))
+                           ema_decay_at(self.step, cfg.ema, cfg.train.batch_size), self.share)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.window["images"] += self.per_worker * self.world
+        self.window["images"] += cfg.train.batch_size
         self.window["data_s"] += t_compute - t_wait
         self.window["compute_s"] += time.perf_counter() - t_compute
         self.step += 1

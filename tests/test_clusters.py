@@ -279,9 +279,11 @@ def test_rayjob_lifecycle_and_runtime_env(path):
     # A finished job's cluster holds its GPUs until deleted: a minute for a last look, not an hour.
     assert spec["shutdownAfterJobFinishes"] is True and 0 <= spec["ttlSecondsAfterFinished"] <= 300
     assert spec["backoffLimit"] >= 0
-    assert cluster_spec(doc)["enableInTreeAutoscaling"] is False
+    elastic = "elastic" in path.name  # the autoscaler keeps its worker group between min and max
+    assert cluster_spec(doc)["enableInTreeAutoscaling"] is elastic
     for group in cluster_spec(doc)["workerGroupSpecs"]:
-        assert group["minReplicas"] == group["replicas"] == group["maxReplicas"], "fixed-size job cluster"
+        if not elastic:
+            assert group["minReplicas"] == group["replicas"] == group["maxReplicas"], "fixed-size job cluster"
     env = runtime_env(doc)
     assert env["working_dir"].startswith(("s3://", "https://")) and env["working_dir"].endswith(".zip")
     # Dependencies come with the image: nothing is installed per job, node and retry.
@@ -293,6 +295,26 @@ def test_entrypoint_files_and_flags_exist(path, capsys, monkeypatch):
     args = entrypoint(manifest(path))
     assert args[0] == "python"
     check_script_and_flags(args[1], args[2:], capsys, monkeypatch)
+
+
+def test_elastic_train_job_spans_its_worker_range_on_spot_nodes(capsys, monkeypatch, tmp_path):
+    doc = job("train-elastic")
+    cfg = resolved_config(*(lambda a: (a[1], a[2:]))(entrypoint(doc)), capsys, monkeypatch, tmp_path)
+    (group,) = cluster_spec(doc)["workerGroupSpecs"]
+    low, high = cfg.train.worker_range
+    assert cfg.train.elastic and cfg.train.global_order and cfg.train.hsdp_replicas == 1
+    # The fewest nodes the autoscaler keeps can start the job; the most it adds are all used.
+    assert group["minReplicas"] * gpus(group) == low and group["maxReplicas"] * gpus(group) == high
+    assert cfg.train.preemption_check_every >= 1 and cfg.train.max_failures >= 1
+    spec = group["template"]["spec"]
+    hook = " ".join(ray_container(group)["lifecycle"]["preStop"]["exec"]["command"])
+    deadline = int(hook.split("--deadline-remaining-seconds=")[1].split()[0])
+    # The drain notice reaches Ray before the pod is killed, with time left for a checkpoint.
+    assert "ray drain-node" in hook and "DRAIN_NODE_REASON_PREEMPTION" in hook
+    assert 0 < deadline < spec["terminationGracePeriodSeconds"]
+    assert any("capacityType" in k or "spot" in k for k in spec["nodeSelector"])
+    fixed = resolved_config(*(lambda a: (a[1], a[2:]))(entrypoint(job("train"))), capsys, monkeypatch, tmp_path)
+    assert cfg.train.batch_size == fixed.train.batch_size  # the same global batch as the fixed 16-GPU job
 
 
 def test_train_job_gpus_equal_num_workers(capsys, monkeypatch, tmp_path):
@@ -381,7 +403,9 @@ def test_aws_cluster_yaml_is_valid_and_installs_the_project():
     reachable = min(raw["max_workers"] * max(n["resources"]["GPU"] for n in workers),
                     sum(n["max_workers"] * n["resources"]["GPU"] for n in workers))
     assert reachable >= load_config(REPO / "clusters/configs/0.5b.toml").train.num_workers
-    assert sum(1 for n in workers if n["max_workers"] > 0) == 1, "one GPU type per cluster (FSDP pace)"
+    enabled = [n for n in workers if n["max_workers"] > 0]  # on-demand and spot nodes of one instance type
+    assert len({n["node_config"]["InstanceType"] for n in enabled}) == 1, "one GPU type per cluster (FSDP pace)"
+    assert any(n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for n in enabled)
 
 
 # ---------------------------------------------------------------- the runbook

@@ -100,43 +100,72 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_trains_the_uninterrupted_losses(cluster, tmp_path):
-    """num_workers = 1-2 on two trainer nodes: one node is removed mid-run (the group goes on with one
-    worker from the latest checkpoint), then added back (the group grows to two at the next resize
-    check). Global batch, global data order and the shared step generator make every step the
-    uninterrupted 2-worker run's: losses equal to rtol 1e-4 (fp32 sums in another order only)."""
+def test_an_elastic_run_answers_a_preemption_notice_shrinks_grows_back_and_trains_the_uninterrupted_losses(
+        cluster, tmp_path):
+    """num_workers = 1-2 on two trainer nodes. One node gets a preemption notice (``ray drain-node``
+    with a deadline, as the autoscaler sends for a spot reclaim) and the group writes a checkpoint at
+    once, off the 8-step schedule; the node then goes, the group goes on with one worker from that
+    checkpoint (no step lost) and writes the next scheduled checkpoint alone; the node comes back and
+    the group grows to two at the next resize check, from a checkpoint one worker wrote. Global batch,
+    global data order and the shared step generator make every step the uninterrupted 2-worker run's:
+    losses equal to rtol 1e-4 (fp32 sums in another order only)."""
     c, nodes = cluster
-    steps, pace = ["--train.steps=24", "--train.checkpoint_every=4"], Pace(0.25)
+    total, steps, pace = 28, ["--train.steps=28", "--train.checkpoint_every=8"], Pace(0.25)
     ref_cfg = _elastic_cfg(tmp_path, "fixed-2", "2", *steps, "--train.data_order=global")
     ref_log = tmp_path / "fixed.txt"
     assert fit(ref_cfg, "fixed-2", {"train": synthetic_dataset()}, inputs(ref_cfg, step_hooks=[LossRecord(str(ref_log))])
                ).error is None
-    cfg = _elastic_cfg(tmp_path, "elastic", "1-2", *steps, "--train.resize_interval_s=1")
-    log = tmp_path / "elastic.txt"
+    cfg = _elastic_cfg(tmp_path, "elastic", "1-2", *steps, "--train.resize_interval_s=1",
+                       "--train.preemption_check_every=1")
+    log, run_dir = tmp_path / "elastic.txt", tmp_path / "elastic"
     out: dict = {}
     loop = inputs(cfg, step_hooks=[LossRecord(str(log)), pace])
     runner = threading.Thread(target=lambda: out.update(result=fit(cfg, "elastic", {"train": synthetic_dataset()}, loop)))
     runner.start()
     recorded = lambda: read_losses(log) if log.exists() else ({}, [])  # noqa: E731
-    _wait_for(lambda: len(recorded()[0]) >= 6 and recorded()[1][-1] == 2, 300, "6 steps on 2 workers")
-    t_loss = time.time()
-    c.remove_node(nodes[1])
-    _wait_for(lambda: 1 in recorded()[1], 300, "training on 1 worker")
+    _wait_for(lambda: len(recorded()[0]) >= 5 and recorded()[1][-1] == 2, 300, "5 steps on 2 workers")
+    drain = subprocess.run(["ray", "drain-node", f"--address={c.address}", f"--node-id={nodes[1].node_id}",
+                            "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (test)",
+                            "--deadline-remaining-seconds=300"], capture_output=True, text=True, timeout=60)
+    assert drain.returncode == 0, drain.stderr
+    t_notice = time.time()
+    unscheduled = lambda: [s for s in _registered_steps(run_dir) if s % 8]  # noqa: E731
+    _wait_for(lambda: unscheduled(), 300, "a checkpoint answering the notice")
+    (notice_step,) = unscheduled()
+    t_saved = time.time()
+    c.remove_node(nodes[1])  # the reclaim
+    _wait_for(lambda: recorded()[1].count(1) >= 10, 400, "10 steps on 1 worker")  # past the step-16 checkpoint
     t_shrunk = time.time()
     nodes[1] = c.add_node(**NODE)
-    _wait_for(lambda: recorded()[1][-1] == 2 and 1 in recorded()[1], 300, "training on 2 workers again")
+    _wait_for(lambda: recorded()[1][-1] == 2 and recorded()[1].count(1) >= 10, 300, "training on 2 workers again")
     t_grown = time.time()
     runner.join(timeout=600)
     assert not runner.is_alive() and out["result"].error is None, out.get("result")
     losses, worlds = recorded()
     reference, ref_worlds = read_losses(ref_log)
-    assert set(ref_worlds) == {2} and sorted(losses) == sorted(reference) == list(range(1, 25))
+    assert set(ref_worlds) == {2} and sorted(losses) == sorted(reference) == list(range(1, total + 1))
     shrink, grow = worlds.index(1), len(worlds) - 1 - worlds[::-1].index(1)
-    assert set(worlds[:shrink]) == {2} and worlds[grow + 1:] and set(worlds[grow + 1:]) == {2}, worlds
-    mine = torch.tensor([losses[s] for s in range(1, 25)])
-    torch.testing.assert_close(mine, torch.tensor([reference[s] for s in range(1, 25)]), rtol=1e-4, atol=1e-6)
-    print(f"elastic: shrank {t_shrunk - t_loss:.1f} s after the node loss, grew back {t_grown - t_shrunk:.1f} s "
-          f"after the node returned; steps recorded {len(worlds)} for 24")
+    assert set(worlds[:shrink]) == {2} and set(worlds[shrink:grow + 1]) == {1} and set(worlds[grow + 1:]) == {2}, worlds
+    first_alone = _steps_in_order(log)[shrink]
+    assert first_alone == notice_step + 1, (first_alone, notice_step)  # resumed from the notice's checkpoint
+    mine = torch.tensor([losses[s] for s in range(1, total + 1)])
+    torch.testing.assert_close(mine, torch.tensor([reference[s] for s in range(1, total + 1)]), rtol=1e-4, atol=1e-6)
+    print(f"elastic: notice -> checkpoint at step {notice_step} in {t_saved - t_notice:.1f} s; on 1 worker "
+          f"{t_shrunk - t_saved:.1f} s after the node went; grew back {t_grown - t_shrunk:.1f} s after it returned; "
+          f"steps recorded {len(worlds)} for {total}")
+
+
+def _steps_in_order(log: Path) -> list[int]:
+    return [int(line.split()[0]) for line in log.read_text().splitlines()]
+
+
+def _registered_steps(run_dir: Path) -> list[int]:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["metrics"]["step"]) for r in results]
 
 
 def _elastic_cfg(tmp_path, name: str, workers: str, *extra: str):

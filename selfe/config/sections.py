@@ -159,6 +159,16 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    checkpoint_upload: str = "async"
+    """"async": Ray Train copies a written checkpoint to ``storage_path`` in the background, so
+    training stalls only for the local write; "sync": it waits for the copy. [ours]"""
+    preemption_check_every: int = 10
+    """Ask Ray for a preemption notice (a node of the group being drained) every this many steps and
+    answer one with a checkpoint at once (0: never ask). Every rank waits for the others at each ask."""
+    preemption_grace_s: float = 30.0
+    """Seconds a preempted node is assumed to have when the notice carries no deadline (Kubernetes'
+    default terminationGracePeriodSeconds): the notice's checkpoint is written if the last one took
+    less."""
     sample_every: int = 0
     """Log sample grids every this many steps (0: only at the end)."""
     eval_every: int = 0
@@ -217,6 +227,11 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size={self.batch_size} does not divide over {', '.join(map(str, uneven))} "
                               "workers, which sharded data order needs: pick a batch that divides, or "
                               "train.data_order=global (any batch)")
+        if self.checkpoint_upload not in ("async", "sync"):
+            raise ConfigError(f"train.checkpoint_upload must be async or sync, got {self.checkpoint_upload!r}")
+        check_range("train", self, 0, "preemption_check_every")
+        if self.preemption_grace_s < 0:
+            raise ConfigError(f"train.preemption_grace_s must be >= 0 seconds, got {self.preemption_grace_s:g}")
         if self.resize_interval_s <= 0:
             raise ConfigError(f"train.resize_interval_s must be > 0 seconds, got {self.resize_interval_s:g}")
         if self.peak_tflops < 0:

@@ -110,6 +110,8 @@ class WorkerLoop:
         self.timeline: dict[str, float] = {}
         self.tracker = self._tracker()
         self.printed = -PRINT_EVERY_S  # when the last progress line was printed (perf_counter)
+        self.save_s = 0.0  # how long the last checkpoint stalled training (write + report)
+        self.preempt_answered = False  # a preemption notice was answered (one checkpoint per notice)
 
     def _tracker(self):
         if self.rank != 0 or self.inputs.tracking is None:
@@ -194,7 +196,7 @@ class WorkerLoop:
         t, step = self.cfg.train, self.step
         last = step >= t.steps
         due = lambda every: bool(every) and (step % every == 0 or last)  # noqa: E731
-        do_ckpt, do_log = due(t.checkpoint_every), due(t.log_every)
+        do_ckpt, do_log = due(t.checkpoint_every) or self._preemption_checkpoint(), due(t.log_every)
         do_grid = self.inputs.grid is not None and due(t.sample_every)
         do_eval = self.inputs.periodic_eval is not None and due(t.eval_every)
         if not (do_ckpt or do_log or do_grid or do_eval):
@@ -218,14 +220,52 @@ class WorkerLoop:
         if do_grid:
             self._log_grid(step)
         if do_ckpt:
-            progress = {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-            with tempfile.TemporaryDirectory() as tmp:
-                self.timeline["checkpoint_start"] = time.time()
-                save_checkpoint(tmp, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)
-                self.timeline["checkpoint_saved"] = time.time()
-                ray.train.report({**metrics, **self.run_facts}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self._checkpoint(metrics)
         else:
             ray.train.report({**metrics, **self.run_facts})
+
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        """Write this rank's part into a local folder and report it. With ``train.checkpoint_upload =
+        async`` Ray Train copies it to storage in the background (and deletes the local folder after),
+        so training stalls only for the local write; the checkpoint counts once the copy is done."""
+        progress = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        local = tempfile.mkdtemp(prefix="selfe-checkpoint-")
+        self.timeline["checkpoint_start"] = time.time()
+        save_checkpoint(local, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)
+        self.timeline["checkpoint_saved"] = time.time()
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint_upload == "async" \
+            else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report({**metrics, **self.run_facts}, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+        self.timeline["checkpoint_reported"] = time.time()
+        self.save_s = self.timeline["checkpoint_reported"] - self.timeline["checkpoint_start"]
+
+    def _preemption_checkpoint(self) -> bool:
+        """Whether to checkpoint at this step because a node of the group is being preempted (Ray's
+        drain notice: a spot reclaim, or ``ray drain-node`` from a pod's preStop hook on SIGTERM).
+
+        Asked every ``train.preemption_check_every`` steps on every rank (``ray.train.get_preemption_info``
+        is a barrier that gives every rank the same answer); one checkpoint per notice, written when the
+        last save's duration fits in the time left: the notice's deadline, or ``train.preemption_grace_s``
+        without one. The decision is the minimum over ranks, so all ranks write or none does."""
+        every = self.cfg.train.preemption_check_every
+        if not every or self.step % every or self.preempt_answered:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        self.preempt_answered = True
+        left = info.deadline_ms / 1000 - time.time() if info.deadline_ms else self.cfg.train.preemption_grace_s
+        margin = torch.tensor([left - self.save_s], dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(margin, op=dist.ReduceOp.MIN)
+        save = float(margin) > 0
+        if self.rank == 0:
+            print(f"[selfe] preemption notice for rank(s) {info.preempted_ranks}, {left:.0f} s left: "
+                  + (f"checkpoint at step {self.step}" if save else
+                     f"no time for a checkpoint (the last took {self.save_s:.1f} s)"), flush=True)
+        return save
 
     @property
     def run_facts(self) -> dict[str, Any]:
@@ -247,7 +287,7 @@ class WorkerLoop:
         elapsed = time.perf_counter() - w["start"]
         out = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         out.update(
-            param_fraction=self.param_fraction, torch_threads=self.threads,
+            param_fraction=self.param_fraction, torch_threads=self.threads, workers=self.world,
             images_per_s=w["images"] / max(elapsed, 1e-9),
             data_wait_s=w["data_s"], compute_s=w["compute_s"],
             data_wait_frac=w["data_s"] / max(w["data_s"] + w["compute_s"], 1e-9),

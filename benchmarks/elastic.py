@@ -36,34 +36,30 @@ from pathlib import Path
 from fault_recovery import NODE, train_cmd, wait_for_step
 
 
-def history(db: Path, name: str) -> dict[int, dict]:
-    """{step: {"t": wall time s, "loss": ..., "workers": ...}} of the run, the last value logged for each
-    step (a step trained again after a restart is logged again)."""
+def logged(db: Path, name: str) -> list[tuple[float, int, str, float]]:
+    """[(wall time s, step, key, value)] of the run's loss and worker count, every logged step (a step
+    trained again after a restart is logged again), in time order."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
         rows = con.execute(
-            "select m.key, m.timestamp, m.step, m.value from metrics m join tags t on m.run_uuid = t.run_uuid "
+            "select m.timestamp, m.step, m.key, m.value from metrics m join tags t on m.run_uuid = t.run_uuid "
             "where t.key = 'selfe.train_run_name' and t.value = ? and m.key in ('loss', 'workers')", (name,)).fetchall()
     finally:
         con.close()
+    return sorted((ts / 1000, step, key, value) for ts, step, key, value in rows)
+
+
+def history(db: Path, name: str) -> dict[int, dict]:
+    """{step: {"t": wall time s, "loss": ..., "workers": ...}}, the last value logged for each step."""
     out: dict[int, dict] = {}
-    for key, ts, step, value in sorted(rows, key=lambda r: r[1]):
-        entry = out.setdefault(step, {})
-        entry[key] = value
-        entry["t"] = ts / 1000
+    for t, step, key, value in logged(db, name):
+        out.setdefault(step, {}).update({key: value, "t": t})
     return out
 
 
 def all_logged(db: Path, name: str) -> list[tuple[float, int, float]]:
     """[(wall time s, step, workers)] of every logged step, restarts included, in time order."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        rows = con.execute(
-            "select m.timestamp, m.step, m.value from metrics m join tags t on m.run_uuid = t.run_uuid "
-            "where t.key = 'selfe.train_run_name' and t.value = ? and m.key = 'workers'", (name,)).fetchall()
-    finally:
-        con.close()
-    return sorted((ts / 1000, step, value) for ts, step, value in rows)
+    return [(t, step, value) for t, step, key, value in logged(db, name) if key == "workers"]
 
 
 def registered_steps(run_dir: Path) -> list[int]:

@@ -11,7 +11,6 @@ to fp32 reassociation noise: rtol 1e-5 over 4 steps. The multi-rank runs share t
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from selfe.core.types import Batch, TextCond
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.parallel import build_sharded_model
 from selfe.train.step import Share, Trainee, build_optimizer, split_rows, train_step
+from tests.ports import free_port
 
 RES, TEXT, B, STEPS, HALF = 8, 8, 8, 4, 2
 TINY = ["--model.width=32", "--model.head_dim=16", "--model.double_blocks=1", "--model.single_blocks=1",
@@ -144,12 +144,6 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """One process (the reference, and the 1-worker ends of the resumes), then 2 and 3 gloo ranks."""
@@ -158,7 +152,7 @@ def runs(tmp_path_factory) -> dict:
            "one_micro": _train(_trainee(_cfg()), Share(B, micro_batch_size=3), range(STEPS))}
     _train(_trainee(_cfg()), Share(B), range(HALF), save=root / "by1")
     for world in (2, 3):
-        mp.spawn(_worker, args=(world, _port(), str(root)), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), str(root)), nprocs=world, join=True)
         for rank in range(world):
             for name, losses in torch.load(root / f"w{world}r{rank}.pt").items():
                 out.setdefault(f"{name}@{world}", []).append(losses)

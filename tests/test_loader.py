@@ -7,7 +7,8 @@ import pytest
 import ray
 import torch
 
-from selfe.data.loader import batch_from_rows, epoch_batches, epoch_permutation, shard_batches
+from selfe.data.loader import batch_from_rows, epoch_batches, epoch_permutation, global_batches, shard_batches
+from selfe.train.step import split_rows
 
 
 def _rows(n: int) -> dict[str, torch.Tensor]:
@@ -67,3 +68,17 @@ def test_ray_shard_is_reshuffled_each_epoch_and_reproducible(ordered_dataset):
     assert e0 == e0_again, "the same (seed, epoch) must give the same order: resume depends on it"
     assert e0 != e1 and e0 != list(range(64))
     assert _shard_epoch(ordered_dataset, 0, 0, buffer_rows=0) == list(range(64))
+
+
+def test_global_order_gives_every_worker_count_the_same_batches(ordered_dataset):
+    """Each worker reads the whole stream and keeps its rows: for 1, 2 and 3 workers (16 rows: 8/8 and
+    6/5/5) the workers' rows of batch k together are batch k of one worker, in order."""
+    def epoch(world: int) -> list[list[int]]:
+        shares = [list(global_batches(ordered_dataset.iterator(), 16, split_rows(16, world, r), 0, 1, 64))
+                  for r in range(world)]
+        return [[int(v) for part in parts for v in part["latent"][:, 0, 0, 0]] for parts in zip(*shares)]
+
+    one = epoch(1)
+    assert len(one) == 4 and sorted(v for b in one for v in b) == list(range(64))
+    assert epoch(2) == one and epoch(3) == one
+    assert one == [_shard_epoch(ordered_dataset, 0, 1)[i * 16:(i + 1) * 16] for i in range(4)]

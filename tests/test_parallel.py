@@ -9,7 +9,6 @@ two per-rank losses, so "same loss as single-process" is checked step by step, n
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from selfe.core.types import Batch, TextCond
 from selfe.bench.memplan import param_shapes, sharded_numel
 from selfe.train.parallel import build_sharded_model, device_mesh, init_from_full, local_fraction, shard
 from selfe.train.step import Trainee, build_optimizer, clip_grad_norm, train_step
+from tests.ports import free_port
 
 WORLD, STEPS, RES, TEXT = 2, 3, 8, 8
 TINY = ["--model.width=32", "--model.head_dim=16", "--model.double_blocks=1", "--model.single_blocks=1",
@@ -132,17 +132,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     print(f"2-rank gloo scenarios: {time.perf_counter() - t0:.1f} s")
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,17 +23,12 @@ import pytest
 from PIL import Image
 
 from selfe.generator import load_generator
+from tests.ports import free_port
 from tests.tiny_models import save_tiny_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ARTEFACTS = REPO / "outputs" / "test-artefacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, body: dict | bytes | None = None, timeout: float = 60.0) -> tuple[int, dict, bytes]:

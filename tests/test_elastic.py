@@ -140,6 +140,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             tr = _trainee(_cfg())
             out["from_2"] = [_resume(tr, root_path / "by2"), *_train(tr, Share(B, 3, rank), range(HALF, STEPS))]
         torch.save(out, root_path / f"w{world}r{rank}.pt")
+        dist.barrier()  # rank 0 hosts the store: no rank may leave while another still uses it
     finally:
         dist.destroy_process_group()
 

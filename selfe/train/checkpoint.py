@@ -291,8 +291,8 @@ def load_checkpoint(
     # rank 0's for a rank the writing run did not have (resuming with more workers).
     own, first = _rng_file(path, _rank()), _rng_file(path, 0)
     if first.exists():
-        set_rng_state(*_read_rng(own if own.exists() else first))
-        shared = load_file(str(first))
+        shared, metadata = _read_rng(first)
+        set_rng_state(*(_read_rng(own) if own != first and own.exists() else (shared, metadata)))
         if generator is not None and "generator" in shared:
             generator.set_state(shared["generator"])
     return read_progress(path)

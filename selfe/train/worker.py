@@ -256,8 +256,7 @@ class WorkerLoop:
             return False
         self.preempt_answered = True
         left = info.deadline_ms / 1000 - time.time() if info.deadline_ms else self.cfg.train.preemption_grace_s
-        margin = torch.tensor([left - self.save_s], dtype=torch.float64,
-                              device=self.device if self.device.type == "cuda" else "cpu")
+        margin = torch.tensor([left - self.save_s], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(margin, op=dist.ReduceOp.MIN)
         save = float(margin) > 0

@@ -26,6 +26,24 @@ class KillOnce:
 
 
 @dataclass
+class TermOnce:
+    """Send SIGTERM to the last rank's own process right after optimiser step ``step``, once per
+    ``marker`` file: a spot agent or an operator's ``kill`` reaching one worker. The marker holds the
+    pid, so a test can see that this process is gone."""
+
+    step: int
+    marker: str
+
+    def __call__(self, step: int, rank: int, world: int, stats: dict | None = None) -> None:
+        import signal
+
+        marker = Path(self.marker)
+        if step == self.step and rank == world - 1 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
 class LossRecord:
     """Append ``step world loss`` to ``path`` after every step of rank 0: the loss history of a run
     across its restarts and resizes (a step redone after a restart appears again)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+
 import pytest
 import ray
 import torch
@@ -12,7 +14,7 @@ from selfe.core.model import build_model
 from selfe.train.checkpoint import is_complete, load_checkpoint, load_weights
 from selfe.train.job import fit
 from selfe.train.step import build_optimizer
-from tests.faults import KillOnce
+from tests.faults import KillOnce, TermOnce
 from selfe.train.handoff import PLACEMENT_GROUP_KEY
 from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 
@@ -91,6 +93,25 @@ def test_resume_after_worker_failure_matches_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
     assert torch.allclose(adam_ref, adam_res, atol=1e-7)
     assert res.metrics["loss"] == pytest.approx(ref.metrics["loss"], rel=1e-5)
+
+
+def test_a_sigterm_to_a_worker_checkpoints_that_step_before_the_worker_exits(tmp_path):
+    """SIGTERM to rank 1's process after step 5, with no checkpoint due until step 8: the workers write
+    one at the next step boundary after the handler ran (5, or 6 when the worker's main thread takes
+    the signal after step 5's check), rank 1 exits, and the restarted group resumes from there."""
+    cfg = _cfg(tmp_path, "sigterm", "--train.steps=8", "--train.checkpoint_every=8", "--train.max_failures=1",
+               "--train.num_workers=2", "--train.cpus_per_worker=0.5")
+    marker = tmp_path / "terminated"
+    res = fit(cfg, cfg.train.run_name, {"train": synthetic_dataset()},
+              inputs(cfg, step_hooks=[TermOnce(5, str(marker))]))
+    assert marker.exists(), "the SIGTERM was not sent"
+    assert res.error is None
+    resumed = res.metrics["resumed_from"]
+    assert resumed in (5, 6) and res.metrics["step"] == 8
+    steps = sorted(json.loads(p.read_text())["step"] for p in (tmp_path / "sigterm").glob("checkpoint_*/progress.json"))
+    assert steps == [resumed, 8]
+    with pytest.raises(ProcessLookupError):  # the signalled worker ended (after its checkpoint)
+        os.kill(int(marker.read_text()), 0)
 
 
 def test_a_corrupt_latest_checkpoint_resumes_from_the_older_one(tmp_path):

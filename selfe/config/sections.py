@@ -166,9 +166,10 @@ class TrainConfig:
     """Ask Ray for a preemption notice (a node of the group being drained) every this many steps and
     answer one with a checkpoint at once (0: never ask). Every rank waits for the others at each ask."""
     preemption_grace_s: float = 30.0
-    """Seconds a preempted node is assumed to have when the notice carries no deadline (Kubernetes'
+    """Seconds a preempted worker is assumed to have when the notice carries no deadline (Kubernetes'
     default terminationGracePeriodSeconds): the notice's checkpoint is written if the last one took
-    less."""
+    less. Also the grace of a SIGTERM to a worker process: the worker checkpoints at the next step
+    and exits, at most this long after the signal (0: a SIGTERM ends it at once, as Ray does)."""
     sample_every: int = 0
     """Log sample grids every this many steps (0: only at the end)."""
     eval_every: int = 0

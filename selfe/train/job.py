@@ -28,7 +28,7 @@ import ray
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from selfe.config import Config
 from selfe.configtools import ConfigError
@@ -42,6 +42,7 @@ from selfe.core.model import build_model
 from selfe.train.checkpoint import load_weights
 from selfe.train.owner import run_owner
 from selfe.train.resume import remove_unregistered, unusable_checkpoints
+from selfe.train.sigterm import NoticeTorchConfig
 from selfe.train.handoff import TrackingTarget, WorkerInputs, worker_inputs
 from selfe.train.worker import train_loop_per_worker
 
@@ -131,7 +132,8 @@ def _trainer(cfg: Config, run_name: str, storage_path: str, fs, datasets: dict, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=NoticeTorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo",
+                                       sigterm_grace_s=cfg.train.preemption_grace_s),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers if not cfg.train.elastic else cfg.train.worker_range,
             elastic_resize_monitor_interval_s=cfg.train.resize_interval_s, use_gpu=cfg.train.use_gpu,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import resource
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from selfe.perf import device_peak_flops, mfu, train_flops_per_image
 from selfe.train.checkpoint import load_checkpoint, save_checkpoint
 from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInputs
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
+from selfe.train import sigterm
 from selfe.train.resume import restore_first_usable
 from selfe.train.step import Share, Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
 
@@ -111,7 +113,8 @@ class WorkerLoop:
         self.tracker = self._tracker()
         self.printed = -PRINT_EVERY_S  # when the last progress line was printed (perf_counter)
         self.save_s = 0.0  # how long the last checkpoint stalled training (write + report)
-        self.preempt_answered = False  # a preemption notice was answered (one checkpoint per notice)
+        self.preempt_answered = False  # a drain notice was answered (one checkpoint per notice)
+        self.leaving = False  # a rank got a SIGTERM: after this step's checkpoint, it exits
 
     def _tracker(self):
         if self.rank != 0 or self.inputs.tracking is None:
@@ -220,20 +223,23 @@ class WorkerLoop:
         if do_grid:
             self._log_grid(step)
         if do_ckpt:
-            self._checkpoint(metrics)
+            self._checkpoint(metrics, sync=self.leaving)
+            if self.leaving:
+                self._leave()
         else:
             ray.train.report({**metrics, **self.run_facts})
 
-    def _checkpoint(self, metrics: dict[str, float]) -> None:
+    def _checkpoint(self, metrics: dict[str, float], sync: bool = False) -> None:
         """Write this rank's part into a local folder and report it. With ``train.checkpoint_upload =
         async`` Ray Train copies it to storage in the background (and deletes the local folder after),
-        so training stalls only for the local write; the checkpoint counts once the copy is done."""
+        so training stalls only for the local write; the checkpoint counts once the copy is done.
+        ``sync``: wait for the copy (a worker about to exit)."""
         progress = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         local = tempfile.mkdtemp(prefix="selfe-checkpoint-")
         self.timeline["checkpoint_start"] = time.time()
         save_checkpoint(local, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)
         self.timeline["checkpoint_saved"] = time.time()
-        mode = ray.train.CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint_upload == "async" \
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint_upload == "async" and not sync \
             else ray.train.CheckpointUploadMode.SYNC
         ray.train.report({**metrics, **self.run_facts}, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
@@ -241,30 +247,57 @@ class WorkerLoop:
         self.save_s = self.timeline["checkpoint_reported"] - self.timeline["checkpoint_start"]
 
     def _preemption_checkpoint(self) -> bool:
-        """Whether to checkpoint at this step because a node of the group is being preempted (Ray's
-        drain notice: a spot reclaim, or ``ray drain-node`` from a pod's preStop hook on SIGTERM).
+        """Whether to checkpoint at this step because a worker is being preempted: Ray's drain notice
+        for a node of the group (a spot reclaim, or ``ray drain-node`` from a pod's preStop hook), or a
+        SIGTERM to a worker process (``selfe.train.sigterm``).
 
-        Asked every ``train.preemption_check_every`` steps on every rank (``ray.train.get_preemption_info``
-        is a barrier that gives every rank the same answer); one checkpoint per notice, written when the
-        last save's duration fits in the time left: the notice's deadline, or ``train.preemption_grace_s``
-        without one. The decision is the minimum over ranks, so all ranks write or none does."""
-        every = self.cfg.train.preemption_check_every
-        if not every or self.step % every or self.preempt_answered:
+        The drain notice is asked every ``train.preemption_check_every`` steps on every rank
+        (``ray.train.get_preemption_info`` is a barrier that gives every rank the same answer), a
+        SIGTERM at every step (one all-reduce of two numbers). One checkpoint per notice, written when
+        the last save's duration fits in the time left: the drain deadline, or
+        ``train.preemption_grace_s`` (counted from the SIGTERM). The decision is the minimum over ranks,
+        so all ranks write or none does. A rank that got the SIGTERM then leaves (``_leave``)."""
+        t = self.cfg.train
+        drain = None
+        if t.preemption_check_every and not self.step % t.preemption_check_every and not self.preempt_answered:
+            drain = ray.train.get_preemption_info()
+        answers_sigterm = t.preemption_grace_s > 0
+        if drain is None and not answers_sigterm:
             return False
-        info = ray.train.get_preemption_info()
-        if info is None:
-            return False
-        self.preempt_answered = True
-        left = info.deadline_ms / 1000 - time.time() if info.deadline_ms else self.cfg.train.preemption_grace_s
-        margin = torch.tensor([left - self.save_s], dtype=torch.float64, device=self.device)
+        left = sigterm.time_left()
+        if drain is not None:
+            left = min(left, drain.deadline_ms / 1000 - time.time() if drain.deadline_ms else t.preemption_grace_s)
+        leaving = sigterm.received_at() is not None
+        # [time left after a save like the last, -(this rank got a SIGTERM)]: MIN over ranks.
+        notice = torch.tensor([left - self.save_s, -float(leaving)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(margin, op=dist.ReduceOp.MIN)
-        save = float(margin) > 0
+            dist.all_reduce(notice, op=dist.ReduceOp.MIN)
+        margin, self.leaving = float(notice[0]), bool(notice[1] < 0)
+        if margin == float("inf"):
+            return False
+        self.preempt_answered |= drain is not None
+        save = margin > 0
         if self.rank == 0:
-            print(f"[selfe] preemption notice for rank(s) {info.preempted_ranks}, {left:.0f} s left: "
+            who = f"rank(s) {drain.preempted_ranks}" if drain is not None else "a worker (SIGTERM)"
+            print(f"[selfe] preemption notice for {who}, {margin + self.save_s:.0f} s left: "
                   + (f"checkpoint at step {self.step}" if save else
                      f"no time for a checkpoint (the last took {self.save_s:.1f} s)"), flush=True)
+        if not save and self.leaving:
+            self._leave()
         return save
+
+    def _leave(self) -> None:
+        """After a SIGTERM: the rank that got it exits (Ray Train restarts or shrinks the group from
+        the checkpoint just reported); the others go on until Ray Train stops the group. Every rank
+        first reports once more, and ``report`` returns only once the previous report (the notice's
+        checkpoint) was taken by the controller, so the checkpoint is registered before a rank dies."""
+        ray.train.report({"step": self.step, "epoch": self.epoch, **self.run_facts})
+        if dist.is_initialized() and self.world > 1:
+            dist.barrier()
+        self.leaving = False
+        if sigterm.received_at() is not None:
+            sigterm.leave()
+            threading.Event().wait()  # the main thread ends the process; no more collectives from here
 
     @property
     def run_facts(self) -> dict[str, Any]:

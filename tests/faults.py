@@ -56,6 +56,25 @@ class LossRecord:
                 f.write(f"{step} {world} {stats['loss']!r}\n")
 
 
+@dataclass
+class GraphCount:
+    """Append dynamo's count of compiled graphs in this process after every step of rank 0: a compiled
+    run that recompiles in steady training shows the count still rising. From the first call on, a block
+    that hits dynamo's recompile limit fails the run instead of going on eagerly (where the count would
+    stay flat)."""
+
+    path: str
+
+    def __call__(self, step: int, rank: int, world: int, stats: dict | None = None) -> None:
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        if rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{counters['stats']['unique_graphs']}\n")
+
+
 def read_losses(path: str | Path) -> tuple[dict[int, float], list[int]]:
     """({step: the last loss recorded for it}, the world size of every recorded step in order)."""
     losses, worlds = {}, []

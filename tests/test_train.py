@@ -14,7 +14,7 @@ from selfe.core.model import build_model
 from selfe.train.checkpoint import is_complete, load_checkpoint, load_weights
 from selfe.train.job import fit
 from selfe.train.step import build_optimizer
-from tests.faults import KillOnce, TermOnce
+from tests.faults import GraphCount, KillOnce, TermOnce
 from selfe.train.handoff import PLACEMENT_GROUP_KEY
 from tests.synthetic import TINY_OVERRIDES, inputs, synthetic_dataset
 
@@ -112,6 +112,24 @@ def test_a_sigterm_to_a_worker_checkpoints_that_step_before_the_worker_exits(tmp
     assert steps == [resumed, 8]
     with pytest.raises(ProcessLookupError):  # the signalled worker ended (after its checkpoint)
         os.kill(int(marker.read_text()), 0)
+
+
+def test_a_compiled_ray_train_run_recompiles_nothing_after_warm_up(tmp_path):
+    """The tiny recipe's step under Ray Train (FSDP2 on one rank, the online model and the EMA compiled
+    per block, aot_eager: the guards of inductor without its code generation), tau annealing from step 3
+    so the self-evaluation batch changes size: every variant compiles during the first steps, none after
+    (tests/test_compile.py checks the same in one process, with the sampler's batches)."""
+    warm_up, steps = 5, 14
+    cfg = _cfg(tmp_path, "compiled", f"--train.steps={steps}", f"--train.checkpoint_every={steps}",
+               "--train.compile=true", "--train.compile_backend=aot_eager", "--objective.anneal_steps=3",
+               "--train.log_every=7")
+    log = tmp_path / "graphs.txt"
+    res = fit(cfg, cfg.train.run_name, {"train": synthetic_dataset()}, inputs(cfg, step_hooks=[GraphCount(str(log))]))
+    assert res.error is None
+    graphs = [int(line) for line in log.read_text().split()]
+    assert len(graphs) == steps and graphs[0] > 0
+    assert graphs[warm_up - 1:] == [graphs[warm_up - 1]] * (steps - warm_up + 1), graphs
+    assert res.metrics["compiled_graphs"] == graphs[-1]  # what MLflow gets with every log
 
 
 def test_a_corrupt_latest_checkpoint_resumes_from_the_older_one(tmp_path):

@@ -150,6 +150,10 @@ class TrainConfig:
     (parameter names and checkpoints unchanged). The first steps pay the compile: ~2 minutes on
     2 CPU cores; then ~1.2x the eager images/s there. On an H200 (0.5b widths, bf16) ~50 s of
     compilation for 1.7-1.9x the eager step rate, so the GPU presets turn it on. [ours]"""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend of ``compile``: "inductor" (generated kernels), or "aot_eager"
+    (the same graph capture and guards without code generation: seconds instead of minutes on a
+    CPU, for tests and checks of recompilation)."""
     mixed_precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"."""
     peak_tflops: float = 0.0
@@ -228,6 +232,8 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size={self.batch_size} does not divide over {', '.join(map(str, uneven))} "
                               "workers, which sharded data order needs: pick a batch that divides, or "
                               "train.data_order=global (any batch)")
+        if self.compile_backend not in ("inductor", "aot_eager"):
+            raise ConfigError(f"train.compile_backend must be inductor or aot_eager, got {self.compile_backend!r}")
         if self.checkpoint_upload not in ("async", "sync"):
             raise ConfigError(f"train.checkpoint_upload must be async or sync, got {self.checkpoint_upload!r}")
         check_range("train", self, 0, "preemption_check_every")

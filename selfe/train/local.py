@@ -43,8 +43,8 @@ def train_local(
     model = build_model(cfg.model, device)
     ema = make_ema(model)
     if cfg.train.compile:
-        compile_blocks(model)
-        compile_blocks(ema)
+        compile_blocks(model, cfg.train.compile_backend)
+        compile_blocks(ema, cfg.train.compile_backend)
     tr = Trainee(model, ema, SelfEObjective(cfg.objective, image_tokens), build_optimizer(model, cfg.optim),
                  cfg.optim.grad_clip, mixed_precision_dtype(cfg.train.mixed_precision, device),
                  torch.Generator(device).manual_seed(cfg.train.seed + 1))

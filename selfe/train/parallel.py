@@ -135,7 +135,7 @@ def build_sharded_model(cfg: ModelConfig, train: TrainConfig, device: torch.devi
     else:
         model.init_weights()
     if train.compile:
-        compile_blocks(model)
+        compile_blocks(model, train.compile_backend)
     return model
 
 

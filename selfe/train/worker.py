@@ -21,6 +21,7 @@ import ray.train
 import ray.util
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from selfe.core.ema import ema_decay_at, make_ema
 from selfe.core.objective import SelfEObjective
@@ -320,6 +321,8 @@ class WorkerLoop:
         out = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         out.update(
             param_fraction=self.param_fraction, torch_threads=self.threads, workers=self.world,
+            # Graphs compiled so far in this process: flat after warm-up unless something recompiles.
+            **({"compiled_graphs": counters["stats"]["unique_graphs"]} if self.cfg.train.compile else {}),
             images_per_s=w["images"] / max(elapsed, 1e-9),
             data_wait_s=w["data_s"], compute_s=w["compute_s"],
             data_wait_frac=w["data_s"] / max(w["data_s"] + w["compute_s"], 1e-9),

@@ -106,10 +106,14 @@ class MLPEmbedder(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
-def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """Rotation angles for 2-axis RoPE: half of each head rotates with the row, half with the column.
+def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.device,
+            n_txt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the 2-axis RoPE angles: half of each head rotates with the row, half with the
+    column, row-major token order, after ``n_txt`` text tokens that keep their channels (cos 1, sin 0).
 
-    Returns (rows * cols, head_dim // 2) angles, row-major token order.
+    Returns (cos, sin), each (n_txt + rows * cols, head_dim // 2). Covering the text tokens with the
+    identity rotation lets attention rotate q and k whole: no slicing off the image part and no
+    concatenation back, and the tables are computed once per forward, not in every block.
     """
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
@@ -117,7 +121,12 @@ def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.dev
     c = torch.arange(cols, device=device, dtype=torch.float32)
     ang_r = torch.outer(r, freqs)[:, None, :].expand(rows, cols, quarter)
     ang_c = torch.outer(c, freqs)[None, :, :].expand(rows, cols, quarter)
-    return torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter)
+    angles = torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter)
+    cos, sin = angles.cos(), angles.sin()
+    if n_txt:
+        cos = torch.cat([cos.new_ones(n_txt, 2 * quarter), cos])
+        sin = torch.cat([sin.new_zeros(n_txt, 2 * quarter), sin])
+    return cos, sin
 
 
 def sincos_2d(rows: int, cols: int, width: int, device: torch.device) -> torch.Tensor:
@@ -132,12 +141,12 @@ def sincos_2d(rows: int, cols: int, width: int, device: torch.device) -> torch.T
     return F.pad(out, (0, width - 4 * quarter))
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of ``x`` (B, H, T, Dh) by ``angles`` (T, Dh/2)."""
-    x2 = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = angles.cos(), angles.sin()
-    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs of channels of ``x`` (B, H, T, Dh) by the angles whose (cos, sin) ``rope`` holds,
+    (T, Dh/2) each; in fp32."""
+    cos, sin = rope
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -167,14 +176,14 @@ class QKNorm(nn.Module):
         return self.q(q), self.k(k)
 
 
-def attention(q, k, v, angles, n_txt: int, key_mask: torch.Tensor) -> torch.Tensor:
-    """Joint attention over [text; image] tokens; RoPE on the image part only.
+def attention(q, k, v, rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor) -> torch.Tensor:
+    """Joint attention over [text; image] tokens; RoPE rotates the image part (``rope_2d``: the text
+    part's rotation is the identity).
 
-    q, k, v: (B, H, L + N, Dh); angles: (N, Dh/2); key_mask: (B, L + N) bool, True = attend.
-    Returns (B, L + N, H * Dh).
+    q, k, v: (B, H, L + N, Dh); rope: (cos, sin), (L + N, Dh/2) each; key_mask: (B, L + N) bool,
+    True = attend. Returns (B, L + N, H * Dh).
     """
-    q = torch.cat([q[:, :, :n_txt], apply_rope(q[:, :, n_txt:], angles)], dim=2)
-    k = torch.cat([k[:, :, :n_txt], apply_rope(k[:, :, n_txt:], angles)], dim=2)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
     return out.transpose(1, 2).flatten(2)
 
@@ -204,15 +213,13 @@ class DoubleStreamBlock(nn.Module):
         q, k = getattr(self, f"{stream}_qknorm")(q, k)
         return q, k, v  # each (B, H, T, Dh)
 
-    def forward(self, img, txt, vec, angles, key_mask):
+    def forward(self, img, txt, vec, rope, key_mask):
         img_mod = self.img_mod(F.silu(vec)).chunk(6, dim=-1)
         txt_mod = self.txt_mod(F.silu(vec)).chunk(6, dim=-1)
         qi, ki, vi = self._qkv("img", img, img_mod[0], img_mod[1])
         qt, kt, vt = self._qkv("txt", txt, txt_mod[0], txt_mod[1])
         n_txt = txt.shape[1]
-        attn = attention(
-            torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), angles, n_txt, key_mask
-        )
+        attn = attention(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2), rope, key_mask)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
         img = img + img_mod[2][:, None] * self.img_proj(img_attn)
         img = img + img_mod[5][:, None] * self.img_mlp(modulate(self.img_norm2(img), img_mod[3], img_mod[4]))
@@ -234,13 +241,13 @@ class SingleStreamBlock(nn.Module):
         self.qknorm = QKNorm(head_dim)
         self.linear2 = nn.Linear(width + self.hidden, width)
 
-    def forward(self, x, vec, angles, n_txt: int, key_mask):
+    def forward(self, x, vec, rope, key_mask):
         shift, scale, gate = self.mod(F.silu(vec)).chunk(3, dim=-1)
         h = self.linear1(modulate(self.norm(x), shift, scale))
         qkv, mlp = h.split([3 * x.shape[-1], self.hidden], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = self.qknorm(q, k)
-        attn = attention(q, k, v, angles, n_txt, key_mask)
+        attn = attention(q, k, v, rope, key_mask)
         return x + gate[:, None] * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
 
 
@@ -332,14 +339,14 @@ class MMDiT(nn.Module):
             + self.gap_embed(timestep_embedding(t - s, self.cfg.time_freq_dim).to(img.dtype))
             + self.pooled_embed(pooled.to(img.dtype))
         )  # (B, D)
-        angles = rope_2d(rows, cols, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        n_txt = txt_h.shape[1]
+        rope = rope_2d(rows, cols, self.cfg.head_dim, self.cfg.rope_theta, x.device, n_txt)
         key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(b, rows * cols, dtype=torch.bool)], dim=1)
         for block in self.double_blocks:
-            img, txt_h = block(img, txt_h, vec, angles, key_mask)
-        n_txt = txt_h.shape[1]
+            img, txt_h = block(img, txt_h, vec, rope, key_mask)
         seq = torch.cat([txt_h, img], dim=1)  # (B, L + N, D)
         for block in self.single_blocks:
-            seq = block(seq, vec, angles, n_txt, key_mask)
+            seq = block(seq, vec, rope, key_mask)
         out = self.final(seq[:, n_txt:], vec)  # (B, N, C * p * p)
         # Unpatchify back to (B, C, H, W).
         out = out.reshape(b, rows, cols, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)

@@ -6,6 +6,7 @@ Conventions: t = 0 is data, t = 1 noise; ``x_t = (1 - t) x0 + t eps``; ``v = eps
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -164,8 +165,10 @@ def energy_preserving_target(
 class LossOutput:
     loss: torch.Tensor
     """Scalar to backpropagate."""
-    stats: dict[str, float]
-    """Breakdown for logging: data/self-eval term magnitudes, frac_s_lt_t, lambda_mean, tau, loss per t bin."""
+    stats: dict[str, torch.Tensor | float]
+    """Breakdown for logging: data/self-eval term magnitudes, frac_s_lt_t, lambda_mean, tau, loss per t bin
+    (NaN for a bin without rows). Detached 0-dim tensors, read once at the end of the step: a read here,
+    between the forward and the backward, would make the host wait for the device."""
 
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -182,11 +185,19 @@ class Draws:
     s: torch.Tensor
     eps: torch.Tensor
     eps2: torch.Tensor | None = None
+    eval_rows: tuple[int, ...] | None = None
+    """The rows with s < t, ascending, read once when drawn (``draw_batch``); None: not known yet."""
+    eval_idx: torch.Tensor | None = None
+    """``eval_rows`` on the device."""
 
     def rows(self, lo: int, hi: int) -> Draws:
-        """The draws of rows lo..hi-1 (views)."""
+        """The draws of rows lo..hi-1 (views; the eval rows renumbered from lo, without a device read)."""
+        rows = idx = None
+        if self.eval_rows is not None:
+            a, b = bisect.bisect_left(self.eval_rows, lo), bisect.bisect_left(self.eval_rows, hi)
+            rows, idx = tuple(r - lo for r in self.eval_rows[a:b]), self.eval_idx[a:b] - lo
         return Draws(self.drop[lo:hi], self.t[lo:hi], self.s[lo:hi], self.eps[lo:hi],
-                     None if self.eps2 is None else self.eps2[lo:hi])
+                     None if self.eps2 is None else self.eps2[lo:hi], rows, idx)
 
 
 @dataclass
@@ -239,10 +250,11 @@ class SelfEObjective:
         d = self.draw(x0, step, generator)
         if self.cfg.method == "self_e":
             idx = torch.nonzero(d.s < d.t).flatten()
+            d.eval_rows, d.eval_idx = tuple(idx.tolist()), idx  # the step's one read before its forwards
             spare = torch.zeros(1, dtype=torch.long, device=x0.device)
-            fresh = torch.randn((max(idx.numel(), 1), *shape[1:]), device=device, generator=generator)
+            fresh = torch.randn((max(len(d.eval_rows), 1), *shape[1:]), device=device, generator=generator)
             d.eps2 = torch.zeros(shape, device=device)
-            d.eps2[idx if idx.numel() else spare] = fresh
+            d.eps2[idx if d.eval_rows else spare] = fresh
         return d
 
     def __call__(
@@ -279,7 +291,7 @@ class SelfEObjective:
 
         lam = self_eval_lambda(t, s) * cfg.self_eval_weight
         target = x0
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor | float] = {}
         aux_loss = None
         selfe = cfg.method == "self_e"
         if selfe:
@@ -292,22 +304,22 @@ class SelfEObjective:
         loss = per_sample.mean() if normalizer is None else per_sample.sum() / normalizer
         if aux_loss is not None:
             loss = loss + cfg.fake_loss_weight * aux_loss
-            stats["loss_fake"] = float(aux_loss.detach())
+            stats["loss_fake"] = aux_loss.detach()
         with torch.no_grad():
             data_term = (v_pred.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
             shift_term = ((x0 - target).float() / tv.float()).pow(2).flatten(1).mean(1)
             stats.update(
-                loss=float(loss.detach()),
-                loss_data_term=float(data_term.mean()),
-                loss_self_eval_term=float(shift_term.mean()),
-                frac_s_lt_t=float((s < t).float().mean()),
-                lambda_mean=float(lam.mean()),
+                loss=loss.detach(),
+                loss_data_term=data_term.mean(),
+                loss_self_eval_term=shift_term.mean(),
+                frac_s_lt_t=(s < t).float().mean(),
+                lambda_mean=lam.float().mean(),
                 tau=tau_at(step, cfg) if selfe else 0.0,
             )
             for lo, hi in zip(T_BINS[:-1], T_BINS[1:]):
-                in_bin = (t >= lo) & (t < hi) if hi < 1.0 else (t >= lo)
-                if in_bin.any():
-                    stats[f"loss_t{lo:.2f}-{hi:.2f}"] = float(per_sample[in_bin].mean())
+                in_bin = ((t >= lo) & (t < hi) if hi < 1.0 else (t >= lo)).float()
+                # NaN (0 / 0) for an empty bin: masked, not indexed, so that no row count is read.
+                stats[f"loss_t{lo:.2f}-{hi:.2f}"] = (per_sample.detach() * in_bin).sum() / in_bin.sum()
         return LossOutput(loss, stats)
 
     @torch.no_grad()
@@ -326,8 +338,12 @@ class SelfEObjective:
         """
         cfg, x0, t, s = self.cfg, st.x0, st.draws.t, st.draws.s
         model, fake_cond = st.model, st.fake_cond
-        idx = torch.nonzero(s < t).flatten()
-        if idx.numel() == 0:
+        if st.draws.eval_rows is None:  # drawn here, not by draw_batch: find them (a device read)
+            idx = torch.nonzero(s < t).flatten()
+            found = idx.numel() > 0
+        else:
+            idx, found = st.draws.eval_idx, len(st.draws.eval_rows) > 0
+        if not found:
             idx = torch.zeros(1, dtype=torch.long, device=x0.device)
         x0_hat_sg = x0_hat.detach()[idx]
         s_sub = s[idx]
@@ -355,6 +371,6 @@ class SelfEObjective:
         x_self_full[idx] = x0_hat_sg - delta
         lam_eff = torch.where(s < t, lam, torch.zeros_like(lam))
         target = energy_preserving_target(x0, x_self_full, lam_eff, cfg.renorm_target)
-        stats = {"delta_rms": float(delta.float().pow(2).mean().sqrt())}
+        stats = {"delta_rms": delta.detach().float().pow(2).mean().sqrt()}
         return target, aux_loss, stats
 

@@ -57,8 +57,9 @@ class Trainee:
     generator: torch.Generator | None = None
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (over all shards) and return it before clipping."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards) and return it before clipping (0-dim, on the
+    device: reading it is left to the caller)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -66,7 +67,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: the norm is already reduced over ranks
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def split_rows(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -120,10 +121,12 @@ def train_step(tr: Trainee, batch: Batch, null_cond: TextCond, step: int, lr: fl
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
     draws = tr.objective.draw_batch((share.batch_size, *batch.x0.shape[1:]), step, batch.x0.device, tr.generator)
-    fake_normalizer = float((draws.s < draws.t).sum().clamp_min(1)) / share.world
+    fake_normalizer = max(len(draws.eval_rows or ()), 1) / share.world
     draws = draws.rows(lo, hi)
     tr.optimizer.zero_grad(set_to_none=True)
-    passes, contribution, weighted = share.micro_batches, 0.0, {}
+    # Sums stay on the device until the step's one read at the end: a read between forward and
+    # backward would leave a GPU idle while the host queues the backward.
+    passes, contribution, weighted = share.micro_batches, torch.zeros((), dtype=torch.float64, device=batch.x0.device), {}
     syncs = hasattr(tr.model, "set_requires_gradient_sync")  # FSDP2: reduce-scatter at the last pass only
     for i in range(passes):
         a, b = split_rows(hi - lo, passes, i)
@@ -138,23 +141,28 @@ def train_step(tr: Trainee, batch: Batch, null_cond: TextCond, step: int, lr: fl
                                draws.rows(a, b), normalizer=share.batch_size / share.world,
                                fake_normalizer=fake_normalizer)
         (out.loss * weight if weight != 1.0 else out.loss).backward()
-        contribution += float(out.loss.detach()) * weight
+        contribution += out.loss.detach().double() * weight
         for k, v in out.stats.items():  # this worker's other statistics: row-weighted over its passes
+            v = torch.as_tensor(v, dtype=torch.float64, device=batch.x0.device)
+            rows = (b - a) * weight * (~v.isnan())  # a t bin without rows in a pass counts nothing
             total, count = weighted.get(k, (0.0, 0.0))
-            weighted[k] = (total + v * (b - a) * weight, count + (b - a) * weight)
+            weighted[k] = (total + v.nan_to_num() * rows, count + rows)
     grad_norm = clip_grad_norm(tr.model, tr.grad_clip)
     tr.optimizer.step()
     update_ema(tr.ema, tr.model, ema_decay)
-    stats = {k: total / count for k, (total, count) in weighted.items() if count > 0}
-    stats["loss"] = global_mean(contribution, share.world, batch.x0.device)
-    return {**stats, "grad_norm": grad_norm, "lr": lr}
+    names = [*weighted, "loss", "grad_norm"]
+    values = [total / count for total, count in weighted.values()]  # NaN: no rows in any pass
+    values += [global_mean(contribution, share.world), grad_norm.double()]
+    read = dict(zip(names, torch.stack(values).tolist()))  # the step's one read at its end
+    stats = {k: v for k, v in read.items() if v == v}
+    return {**stats, "lr": lr}
 
 
-def global_mean(contribution: float, world: int, device: torch.device) -> float:
+def global_mean(contribution: torch.Tensor, world: int) -> torch.Tensor:
     """The global batch's loss from each worker's ``contribution`` (its passes' losses, already scaled
-    by W / B): their sum over workers / W."""
+    by W / B, float64 on the device: NCCL reduces device tensors only): their sum over workers / W."""
     if world > 1 and dist.is_initialized():
-        t = torch.tensor([contribution], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
-        dist.all_reduce(t)
-        return float(t) / world
+        contribution = contribution.clone()
+        dist.all_reduce(contribution)
+        return contribution / world
     return contribution

@@ -270,10 +270,12 @@ class WorkerLoop:
             left = min(left, drain.deadline_ms / 1000 - time.time() if drain.deadline_ms else t.preemption_grace_s)
         leaving = sigterm.received_at() is not None
         # [time left after a save like the last, -(this rank got a SIGTERM)]: MIN over ranks.
-        notice = torch.tensor([left - self.save_s, -float(leaving)], dtype=torch.float64, device=self.device)
+        notice = [left - self.save_s, -float(leaving)]
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(notice, op=dist.ReduceOp.MIN)
-        margin, self.leaving = float(notice[0]), bool(notice[1] < 0)
+            reduced = torch.tensor(notice, dtype=torch.float64, device=self.device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+            notice = reduced.tolist()
+        margin, self.leaving = notice[0], notice[1] < 0
         if margin == float("inf"):
             return False
         self.preempt_answered |= drain is not None

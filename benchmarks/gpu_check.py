@@ -19,7 +19,9 @@ cost not known in advance, runs late so that it cannot crowd out the rest):
 6. train_shapes: 300 Self-E steps on the 64x64 shapes world with the plain loop, GenEval-lite at
    1/2/4/8 steps;
 7. compile: eager vs compiled blocks, compile time and steady step time;
-8. memory: peak memory (``torch.cuda.max_memory_allocated``) of every configuration above.
+8. production: Self-E and flow matching compiled under one-rank FSDP2 (how the GPU presets train): MFU
+   of each and their step ratio;
+9. memory: peak memory (``torch.cuda.max_memory_allocated``) of every configuration above.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
 """
@@ -37,26 +39,27 @@ from typing import Any
 import torch
 
 from selfe.bench.gpucheck import (CPU, GPU, Checker, StepBench, checkpointing_cost, compile_speed, device_info,
-                            fsdp_cost, memory_table, method_ratio, sampling_latency, throughput)
+                            fsdp_cost, memory_table, method_ratio, production, sampling_latency, throughput)
 
-SECTIONS = ("throughput", "method_ratio", "checkpointing", "fsdp", "sampling", "train_shapes", "compile", "memory")
+SECTIONS = ("throughput", "method_ratio", "checkpointing", "fsdp", "sampling", "train_shapes", "compile", "production",
+            "memory")
 
 
 def run_check(profile, device: torch.device, budget_s: float, bench_overrides: list[str],
-              train_overrides: list[str]) -> dict[str, Any]:
-    """All sections under one budget; returns the report (see ``render_markdown`` for its reading)."""
+              train_overrides: list[str], sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """``sections`` (all by default) under one budget; returns the report (see ``render_markdown``)."""
     from selfe.bench.gpucheck_train import train_and_score
 
     checker = Checker(budget_s, device)
     bench = StepBench(profile, device, bench_overrides)
     steps = {"throughput": lambda: throughput(bench), "method_ratio": lambda: method_ratio(bench),
              "compile": lambda: compile_speed(bench), "checkpointing": lambda: checkpointing_cost(bench),
-             "fsdp": lambda: fsdp_cost(bench),
+             "fsdp": lambda: fsdp_cost(bench), "production": lambda: production(bench),
              "memory": lambda: memory_table(bench), "sampling": lambda: sampling_latency(bench),
              # Training stops at 60% of the budget at the latest: GenEval-lite and compile come after it.
              "train_shapes": lambda: train_and_score(
                  profile, device, checker.start + 0.6 * budget_s, train_overrides)}
-    for name in SECTIONS:
+    for name in (n for n in SECTIONS if n in sections):
         checker.run(name, steps[name])
         print(f"[gpu_check] {name}: {checker.sections[name]['status']} "
               f"({checker.sections[name]['seconds']:.1f} s)", flush=True)
@@ -118,8 +121,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--batch", type=int, default=None, help="batch of the step-time sections")
     ap.add_argument("--train-steps", type=int, default=None, help="train_shapes' training steps")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend of the compile section")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="comma-separated subset to run, e.g. production,memory (default: all, in the listed order)")
     ap.add_argument("--out", default="outputs/gpu_check")
-    return ap.parse_known_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown --sections {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    return args, extra
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     profile = replace(profile, **{k: v for k, v in changes.items() if v is not None})
     train_overrides = [o.removeprefix("train:") for o in extra if o.startswith("train:")]
     bench_overrides = [o for o in extra if not o.startswith("train:")]
-    report = run_check(profile, device, args.budget_s or profile.budget_s, bench_overrides, train_overrides)
+    report = run_check(profile, device, args.budget_s or profile.budget_s, bench_overrides, train_overrides,
+                       tuple(args.sections.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))

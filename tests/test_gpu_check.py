@@ -60,7 +60,12 @@ def test_cpu_profile_reports_every_section(tmp_path):
     # Checkpointing keeps only the blocks' inputs for backward.
     assert 0 < ckpt["saved_mib_on"] < ckpt["saved_mib_off"]
     memory = sections["memory"]["result"]["rows"]
-    assert {r["config"] for r in memory} == {"self_e", "flow_matching", "self_e compiled", "self_e +ckpt", "self_e fsdp"}
+    assert {r["config"] for r in memory} == {"self_e", "flow_matching", "self_e compiled", "self_e +ckpt", "self_e fsdp",
+                                             "self_e compiled fsdp", "flow_matching compiled fsdp"}
+    prod = sections["production"]["result"]
+    assert [(r["method"], r["compiled"], r["fsdp"]) for r in prod["rows"]] == [("self_e", True, True),
+                                                                          ("flow_matching", True, True)]
+    assert prod["self_e_over_fm"] == pytest.approx(prod["self_e_step_s"] / prod["flow_matching_step_s"], rel=1e-2)
     fsdp = sections["fsdp"]["result"]
     assert fsdp["rows"][1]["fsdp"] and not fsdp["rows"][0]["fsdp"] and fsdp["fsdp_step_s"] > 0
     assert not torch.distributed.is_initialized()  # the section's one-rank group is gone again
@@ -77,3 +82,12 @@ def test_cpu_profile_reports_every_section(tmp_path):
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert report["device"]["line"] in markdown
     assert all(f"## {name}: ok" in markdown for name in gpu_check.SECTIONS)
+
+
+def test_sections_runs_a_subset_and_names_unknown_ones(tmp_path, capsys):
+    gpu_check = _load_script()
+    report = gpu_check.main(["--device", "cpu", "--profile", "cpu", "--sections", "method_ratio", "--out", str(tmp_path)])
+    assert list(report["sections"]) == ["method_ratio"] and report["sections"]["method_ratio"]["status"] == "ok"
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu", "--sections", "throughput,mfu", "--out", str(tmp_path)])
+    assert "unknown --sections mfu" in capsys.readouterr().err

@@ -265,6 +265,18 @@ def compile_speed(bench: StepBench) -> dict[str, Any]:
             "compile_s": round(compile_s, 2), "rows": [eager, comp]}
 
 
+def production(bench: StepBench) -> dict[str, Any]:
+    """Section production: Self-E and flow matching as the GPU presets train them, compiled blocks under
+    one-rank FSDP2 (bf16 from ``MixedPrecisionPolicy``): the MFU of each and the Self-E / flow-matching
+    step ratio. The figures issue 34 sets targets for (at full depth: ``--blocks 8,16``)."""
+    with one_rank_group(bench.device):
+        se = bench.run("self_e", compiled=True, fsdp=True)
+        fm = bench.run("flow_matching", compiled=True, fsdp=True)
+    return {"self_e_mfu": se["mfu"], "flow_matching_mfu": fm["mfu"], "self_e_step_s": se["step_s"],
+            "flow_matching_step_s": fm["step_s"], "self_e_over_fm": round(se["step_s"] / fm["step_s"], 3),
+            "rows": [se, fm]}
+
+
 def checkpointing_cost(bench: StepBench) -> dict[str, Any]:
     """Section checkpointing: Self-E with activation checkpointing off vs on: step time (recompute cost) and
     memory (peak on CUDA; saved-for-backward bytes everywhere)."""

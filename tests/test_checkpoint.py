@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from selfe.config import OptimConfig
 from selfe.core.model import ModelConfig, build_model
 from selfe.train.checkpoint import (
-    UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, split_optimizer_state, verify_checkpoint,
+    UnsafeCheckpointError, load_checkpoint, load_weights, save_checkpoint, save_checkpoint_async, split_optimizer_state,
+    verify_checkpoint,
 )
 from selfe.train.resume import UNUSABLE, remove_unregistered, restore_first_usable, unusable_checkpoints
 from selfe.train.step import build_optimizer
@@ -74,6 +75,35 @@ def test_round_trip_restores_weights_optimizer_and_every_rng(tmp_path):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], o2.state[q][key]), key
     assert o2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_a_background_write_holds_the_state_of_its_call_not_of_later_steps(tmp_path):
+    """save_checkpoint_async copies the state when called: weights, Adam moments and RNG changed right
+    after it (the next training step) do not reach the files, which equal a synchronous save's."""
+    model, ema, opt = _trained()
+    gen = torch.Generator().manual_seed(7)
+    save_checkpoint(tmp_path / "sync", model, ema, opt, {"step": 1}, gen)
+    written = save_checkpoint_async(tmp_path / "async", model, ema, opt, {"step": 1}, gen)
+    with torch.no_grad():  # the training loop goes on at once
+        for p in model.parameters():
+            p.add_(1.0)
+        for state in opt.state.values():
+            state["exp_avg"].mul_(-3.0)
+    gen.manual_seed(123)
+    assert written.result(timeout=60) >= 0
+    assert verify_checkpoint(tmp_path / "async") == []
+    for name in ("sync", "async"):
+        m2, e2, o2 = _fresh()
+        gen2 = torch.Generator()
+        assert load_checkpoint(tmp_path / name, m2, e2, o2, gen2) == {"step": 1}
+        loaded = [p.detach().clone() for p in m2.parameters()], [o2.state[q]["exp_avg"] for q in m2.parameters()]
+        loaded += (torch.rand(3, generator=gen2),)
+        if name == "sync":
+            expected = loaded
+    assert all(torch.equal(a, b) for a, b in zip(expected[0], loaded[0]))
+    assert all(torch.equal(a, b) for a, b in zip(expected[1], loaded[1]))
+    assert torch.equal(expected[2], loaded[2])
+    assert not any(torch.equal(a, b) for a, b in zip(loaded[0], model.parameters()))
 
 
 def test_a_code_running_metadata_pickle_is_refused_and_nothing_runs(tmp_path):

@@ -163,6 +163,11 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    checkpoint_write: str = "async"
+    """"async": a checkpoint's state is copied into host memory and training goes on while a background
+    thread writes the files (``torch.distributed.checkpoint.async_save``); it is reported at the next
+    report. "sync": written before training goes on. A preemption notice's and the last step's are
+    always written at once. [ours]"""
     checkpoint_upload: str = "async"
     """"async": Ray Train copies a written checkpoint to ``storage_path`` in the background, so
     training stalls only for the local write; "sync": it waits for the copy. [ours]"""
@@ -234,6 +239,8 @@ class TrainConfig:
                               "train.data_order=global (any batch)")
         if self.compile_backend not in ("inductor", "aot_eager"):
             raise ConfigError(f"train.compile_backend must be inductor or aot_eager, got {self.compile_backend!r}")
+        if self.checkpoint_write not in ("async", "sync"):
+            raise ConfigError(f"train.checkpoint_write must be async or sync, got {self.checkpoint_write!r}")
         if self.checkpoint_upload not in ("async", "sync"):
             raise ConfigError(f"train.checkpoint_upload must be async or sync, got {self.checkpoint_upload!r}")
         check_range("train", self, 0, "preemption_check_every")

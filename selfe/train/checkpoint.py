@@ -19,6 +19,8 @@ import io
 import json
 import pickle
 import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,16 @@ def _digest(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
+def _state(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    reshard(model)
+    reshard(ema)
+    return {
+        "model": get_model_state_dict(model),
+        "ema": get_model_state_dict(ema),
+        "optim": split_optimizer_state(get_optimizer_state_dict(model, optimizer)),
+    }
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -218,22 +230,57 @@ def save_checkpoint(
     files, so a folder with a progress file is complete and ``verify_checkpoint`` can check it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    reshard(model)
-    reshard(ema)
-    state = {
-        "model": get_model_state_dict(model),
-        "ema": get_model_state_dict(ema),
-        "optim": split_optimizer_state(get_optimizer_state_dict(model, optimizer)),
-    }
-    dcp.save(state, checkpoint_id=str(path), no_dist=_single_process())
+    dcp.save(_state(model, ema, optimizer), checkpoint_id=str(path), no_dist=_single_process())
+    _finish(path, progress, rng_state(generator))
+
+
+def save_checkpoint_async(
+    path: str | Path,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: dict,
+    generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Future:
+    """``save_checkpoint`` in two parts: now, DCP's planning and a copy of the state into host memory
+    (``dcp.async_save``'s staging; the RNG states are read now too), so training can change the
+    weights at once; then, on a background thread, the files, their hashes and the progress file.
+    Returns a Future of the background part's seconds; the folder is complete when it is done.
+
+    ``group``: the process group of the background part's collectives (DCP's metadata gather and the
+    hash manifest), a gloo group of its own so that they never interleave with training's
+    collectives on the default group (None: one process). Wait for one Future before the next
+    call: two saves in flight would share ``group`` from two threads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = rng_state(generator)
+    single = _single_process()
+    written = dcp.async_save(_state(model, ema, optimizer), checkpoint_id=str(path), no_dist=single,
+                             process_group=None if single else group)
+
+    def finish() -> float:
+        t0 = time.perf_counter()
+        written.result()
+        _finish(path, progress, rng, group)
+        return time.perf_counter() - t0
+
+    return _BACKGROUND.submit(finish)
+
+
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfe-checkpoint")
+
+
+def _finish(path: Path, progress: dict, rng: tuple[dict, dict], group: dist.ProcessGroup | None = None) -> None:
+    """The RNG file, then the manifest: every rank hashes what it wrote, rank 0 writes the progress file."""
+    tensors, metadata = rng
     rank = _rank()
-    tensors, metadata = rng_state(generator)
     save_file(tensors, str(_rng_file(path, rank)), metadata=metadata)
     # Each rank hashes the files it wrote (on a cluster every rank has its own folder).
     files = {p.name: _digest(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != PROGRESS_FILE}
     if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, files)
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, files, group=group)
         files = {name: d for part in gathered for name, d in part.items()}
     if rank == 0:
         tmp = path / f".{PROGRESS_FILE}.tmp"

@@ -11,7 +11,6 @@ One batch, cache to loss: ``shard_batches`` (Ray Data rows, shuffled) -> ``contr
 from __future__ import annotations
 
 import resource
-import tempfile
 import threading
 import time
 from typing import Any
@@ -30,12 +29,13 @@ from selfe.data.contract import batch_from_rows
 from selfe.data.loader import global_batches, shard_batches
 from selfe.eval.metrics import METRIC_MODES, UNSCORED, periodic_metrics
 from selfe.perf import device_peak_flops, mfu, train_flops_per_image
-from selfe.train.checkpoint import load_checkpoint, save_checkpoint
+from selfe.train.checkpoint import load_checkpoint
 from selfe.train.handoff import PLACEMENT_GROUP_KEY, EncodedPrompts, WorkerInputs
 from selfe.train.parallel import build_sharded_model, is_sharded, local_fraction
 from selfe.train import sigterm
 from selfe.train.resume import restore_first_usable
 from selfe.train.step import Share, Trainee, build_optimizer, lr_at, mixed_precision_dtype, train_step
+from selfe.train.writer import CheckpointWriter
 
 
 def node_threads(local_workers: int) -> int:
@@ -111,9 +111,9 @@ class WorkerLoop:
         # Wall-clock (time.time) marks of the start-up and of the last step and checkpoint, carried in
         # every report (``run_facts``): where a run's fixed cost goes (benchmarks/train_overhead.py).
         self.timeline: dict[str, float] = {}
+        self.writer = CheckpointWriter(cfg.train, self.world, self.device, self.timeline)
         self.tracker = self._tracker()
         self.printed = -PRINT_EVERY_S  # when the last progress line was printed (perf_counter)
-        self.save_s = 0.0  # how long the last checkpoint stalled training (write + report)
         self.preempt_answered = False  # a drain notice was answered (one checkpoint per notice)
         self.leaving = False  # a rank got a SIGTERM: after this step's checkpoint, it exits
 
@@ -166,6 +166,7 @@ class WorkerLoop:
                 self.batch_in_epoch = 0
                 continue
             break
+        self.writer.flush(lambda: self.run_facts)
         if self.tracker is not None:
             self.tracker.close()
 
@@ -198,6 +199,7 @@ class WorkerLoop:
     def report(self, stats: dict[str, float]) -> None:
         """Log every ``log_every`` steps, sample grids / evaluate / checkpoint on their schedules."""
         t, step = self.cfg.train, self.step
+        self.writer.poll(lambda: self.run_facts)
         last = step >= t.steps
         due = lambda every: bool(every) and (step % every == 0 or last)  # noqa: E731
         do_ckpt, do_log = due(t.checkpoint_every) or self._preemption_checkpoint(), due(t.log_every)
@@ -224,28 +226,18 @@ class WorkerLoop:
         if do_grid:
             self._log_grid(step)
         if do_ckpt:
-            self._checkpoint(metrics, sync=self.leaving)
+            self._checkpoint(metrics, now=self.leaving or last)
             if self.leaving:
                 self._leave()
         else:
+            self.writer.flush(lambda: self.run_facts)  # a checkpoint written since the last report goes first
             ray.train.report({**metrics, **self.run_facts})
 
-    def _checkpoint(self, metrics: dict[str, float], sync: bool = False) -> None:
-        """Write this rank's part into a local folder and report it. With ``train.checkpoint_upload =
-        async`` Ray Train copies it to storage in the background (and deletes the local folder after),
-        so training stalls only for the local write; the checkpoint counts once the copy is done.
-        ``sync``: wait for the copy (a worker about to exit)."""
+    def _checkpoint(self, metrics: dict[str, float], now: bool = False) -> None:
+        """Checkpoint this step (``selfe.train.writer``); ``now``: written and uploaded before training
+        goes on (a worker about to exit, the last step)."""
         progress = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        local = tempfile.mkdtemp(prefix="selfe-checkpoint-")
-        self.timeline["checkpoint_start"] = time.time()
-        save_checkpoint(local, self.tr.model, self.tr.ema, self.tr.optimizer, progress, self.tr.generator)
-        self.timeline["checkpoint_saved"] = time.time()
-        mode = ray.train.CheckpointUploadMode.ASYNC if self.cfg.train.checkpoint_upload == "async" and not sync \
-            else ray.train.CheckpointUploadMode.SYNC
-        ray.train.report({**metrics, **self.run_facts}, checkpoint=ray.train.Checkpoint.from_directory(local),
-                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
-        self.timeline["checkpoint_reported"] = time.time()
-        self.save_s = self.timeline["checkpoint_reported"] - self.timeline["checkpoint_start"]
+        self.writer.save(self.tr, progress, metrics, lambda: self.run_facts, now=now)
 
     def _preemption_checkpoint(self) -> bool:
         """Whether to checkpoint at this step because a worker is being preempted: Ray's drain notice
@@ -270,7 +262,7 @@ class WorkerLoop:
             left = min(left, drain.deadline_ms / 1000 - time.time() if drain.deadline_ms else t.preemption_grace_s)
         leaving = sigterm.received_at() is not None
         # [time left after a save like the last, -(this rank got a SIGTERM)]: MIN over ranks.
-        notice = [left - self.save_s, -float(leaving)]
+        notice = [left - self.writer.save_s, -float(leaving)]
         if dist.is_initialized() and self.world > 1:
             reduced = torch.tensor(notice, dtype=torch.float64, device=self.device)
             dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
@@ -282,9 +274,9 @@ class WorkerLoop:
         save = margin > 0
         if self.rank == 0:
             who = f"rank(s) {drain.preempted_ranks}" if drain is not None else "a worker (SIGTERM)"
-            print(f"[selfe] preemption notice for {who}, {margin + self.save_s:.0f} s left: "
+            print(f"[selfe] preemption notice for {who}, {margin + self.writer.save_s:.0f} s left: "
                   + (f"checkpoint at step {self.step}" if save else
-                     f"no time for a checkpoint (the last took {self.save_s:.1f} s)"), flush=True)
+                     f"no time for a checkpoint (the last took {self.writer.save_s:.1f} s)"), flush=True)
         if not save and self.leaving:
             self._leave()
         return save
@@ -294,6 +286,7 @@ class WorkerLoop:
         the checkpoint just reported); the others go on until Ray Train stops the group. Every rank
         first reports once more, and ``report`` returns only once the previous report (the notice's
         checkpoint) was taken by the controller, so the checkpoint is registered before a rank dies."""
+        self.writer.flush(lambda: self.run_facts)
         ray.train.report({"step": self.step, "epoch": self.epoch, **self.run_facts})
         if dist.is_initialized() and self.world > 1:
             dist.barrier()
@@ -305,8 +298,10 @@ class WorkerLoop:
     @property
     def run_facts(self) -> dict[str, Any]:
         """What every report carries besides the metrics: the step this run resumed from (-1: fresh),
-        its workers' placement group (``PLACEMENT_GROUP_KEY``) and the timeline marks so far (``t_*``)."""
+        its workers' placement group (``PLACEMENT_GROUP_KEY``), the training time its reported
+        checkpoints took and their count, and the timeline marks so far (``t_*``)."""
         return {"resumed_from": self.resumed_from, PLACEMENT_GROUP_KEY: self.placement_group,
+                "checkpoint_stall_s": self.writer.stall_s, "checkpoints_reported": self.writer.reported,
                 **{f"t_{k}": v for k, v in self.timeline.items()}}
 
     def _log_grid(self, step: int) -> None:

@@ -15,7 +15,7 @@ TEXT="${SELFE_DEVICE_TEXT:-.device/minilm}"
 [ -d "$TEXT" ] || { echo "gpu_session.sh: no text encoder at $TEXT; run python benchmarks/device_prep.py first" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # A failed section is recorded in the report; the study runs either way.
-timeout 230 python benchmarks/gpu_check.py --device cuda --profile gpu --blocks 8,16 --sections production,memory \
-    --budget-s 200 --out "$OUT/check" || echo "gpu_check.py ended with $?"
-python benchmarks/gpu_study.py --profile gpu --device cuda --train-s "${STUDY_TRAIN_S:-140}" --out "$OUT/study" \
+timeout 200 python benchmarks/gpu_check.py --device cuda --profile gpu --blocks 8,16 --sections production,memory \
+    --budget-s 170 --out "$OUT/check" || echo "gpu_check.py ended with $?"
+python benchmarks/gpu_study.py --profile gpu --device cuda --train-s "${STUDY_TRAIN_S:-120}" --out "$OUT/study" \
     "--text.name=$TEXT"

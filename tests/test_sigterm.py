@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from unittest import mock
 
 import pytest
 
@@ -55,5 +56,28 @@ def test_the_grace_running_out_ends_the_worker_without_the_loop(previous):
 
 def test_no_grace_leaves_the_handler_alone(previous):
     sigterm.install(0.0)
+    _term()
+    assert previous == [signal.SIGTERM] and sigterm.received_at() is None
+
+
+def test_ray_ending_the_group_hands_sigterm_back_before_its_own_kill(previous):
+    """Ray Train ends a group (run over, restart, resize) by killing its actors: SIGTERM, then SIGKILL
+    5 s later. The backend puts Ray's handler back first, so that SIGTERM ends the workers at once."""
+    sigterm.install(30.0)
+    calls = []
+
+    class Group:  # the worker group: runs each function here, on this (main) thread
+        def __len__(self):
+            return 1
+
+        def execute_async(self, fn, *args, **kwargs):
+            calls.append(fn.__name__)
+            if fn is sigterm.uninstall:
+                fn()
+            return []
+
+    with mock.patch("ray.get"), mock.patch("ray.wait"):
+        sigterm._NoticeBackend().on_shutdown(Group(), sigterm.NoticeTorchConfig())
+    assert calls[0] == "uninstall" and "_shutdown_torch" in calls
     _term()
     assert previous == [signal.SIGTERM] and sigterm.received_at() is None

@@ -12,7 +12,9 @@ What the handler does with a SIGTERM (the kill a spot agent, a scheduler or an o
   was there before (Ray's: the worker exits as it would have without this module).
 
 So a SIGTERM still ends the worker, at most ``grace_s`` later; Ray Train then restarts or shrinks the
-group from the checkpoint, which is at most a step old instead of a checkpoint interval.
+group from the checkpoint, which is at most a step old instead of a checkpoint interval. When Ray Train
+ends a group itself (the run is done, a restart, a resize) it first puts Ray's handler back
+(``uninstall``), so its own SIGTERM ends the workers at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import ray
 from ray.train.torch import TorchConfig
 
 _notice: dict = {"at": None, "grace_s": 0.0, "previous": signal.SIG_DFL, "timer": None}
@@ -88,11 +91,22 @@ def uninstall() -> None:
 
 
 class _NoticeBackend(TorchConfig().backend_cls):
-    """Torch's process-group backend, plus the SIGTERM handler on every worker's main thread."""
+    """Torch's process-group backend, plus the SIGTERM handler on every worker's main thread while the
+    group trains."""
 
     def on_training_start(self, worker_group, backend_config: "NoticeTorchConfig") -> None:
         super().on_training_start(worker_group, backend_config)
         worker_group.execute(install, backend_config.sigterm_grace_s)
+
+    def on_shutdown(self, worker_group, backend_config: "NoticeTorchConfig") -> None:
+        # Ray Train is ending the group itself (the run is over, or it restarts or resizes it): its kill
+        # sends SIGTERM, then SIGKILL 5 s later. Handing SIGTERM back to Ray's handler first lets that
+        # end the workers at once, as it did before, instead of being taken for a preemption notice.
+        # A worker that is already gone answers with an error, which changes nothing here.
+        refs = worker_group.execute_async(uninstall)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+        super().on_shutdown(worker_group, backend_config)
 
 
 @dataclass

@@ -45,6 +45,7 @@ def test_cpu_profile_trains_both_methods_for_equal_time_and_scores_every_step_co
         # Equal wall time: each method's training took about the budget (the planned steps, or the deadline).
         assert 0.5 * budget < train["train_s"] < 1.3 * budget, train
         assert 10 <= train["steps"] <= train["planned_steps"]
+        assert train["warmup_steps"] == max(train["planned_steps"] // 20, 5)  # 5% of the run, not the recipe's 1,000
         assert sorted(map(int, m["scores"])) == [1, 2, 4, 8, 50]
         for steps, s in m["scores"].items():
             assert 0.0 <= s["overall"] <= 1.0 and s["se"] >= 0 and s["prompts"] == 12

@@ -39,13 +39,7 @@ class _Angles(NamedTuple):
 
 def _previous_tables(rows: int, cols: int, head_dim: int, theta: float, device, n_txt: int = 0) -> _Angles:
     """The former ``rope_2d``: the image tokens' angles only."""
-    quarter = head_dim // 4
-    freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    r = torch.arange(rows, device=device, dtype=torch.float32)
-    c = torch.arange(cols, device=device, dtype=torch.float32)
-    ang_r = torch.outer(r, freqs)[:, None, :].expand(rows, cols, quarter)
-    ang_c = torch.outer(c, freqs)[None, :, :].expand(rows, cols, quarter)
-    return _Angles(torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter), n_txt)
+    return _Angles(mm.rope_angles(rows, cols, head_dim, theta, device), n_txt)
 
 
 def _previous_attention(q, k, v, rope: _Angles, key_mask):

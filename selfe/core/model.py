@@ -106,26 +106,31 @@ class MLPEmbedder(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
-def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.device,
-            n_txt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the 2-axis RoPE angles: half of each head rotates with the row, half with the
-    column, row-major token order, after ``n_txt`` text tokens that keep their channels (cos 1, sin 0).
-
-    Returns (cos, sin), each (n_txt + rows * cols, head_dim // 2). Covering the text tokens with the
-    identity rotation lets attention rotate q and k whole: no slicing off the image part and no
-    concatenation back, and the tables are computed once per forward, not in every block.
-    """
+def rope_angles(rows: int, cols: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """2-axis RoPE angles of the image tokens: half of each head rotates with the row, half with the
+    column, row-major token order. Returns (rows * cols, head_dim // 2)."""
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     r = torch.arange(rows, device=device, dtype=torch.float32)
     c = torch.arange(cols, device=device, dtype=torch.float32)
     ang_r = torch.outer(r, freqs)[:, None, :].expand(rows, cols, quarter)
     ang_c = torch.outer(c, freqs)[None, :, :].expand(rows, cols, quarter)
-    angles = torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter)
+    return torch.cat([ang_r, ang_c], dim=-1).reshape(rows * cols, 2 * quarter)
+
+
+def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device: torch.device,
+            n_txt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``rope_angles`` after ``n_txt`` text tokens that keep their channels (cos 1, sin 0).
+
+    Returns (cos, sin), each (n_txt + rows * cols, head_dim // 2). Covering the text tokens with the
+    identity rotation lets attention rotate q and k whole: no slicing off the image part and no
+    concatenation back, and the tables are computed once per forward, not in every block.
+    """
+    angles = rope_angles(rows, cols, head_dim, theta, device)
     cos, sin = angles.cos(), angles.sin()
     if n_txt:
-        cos = torch.cat([cos.new_ones(n_txt, 2 * quarter), cos])
-        sin = torch.cat([sin.new_zeros(n_txt, 2 * quarter), sin])
+        cos = torch.cat([cos.new_ones(n_txt, cos.shape[1]), cos])
+        sin = torch.cat([sin.new_zeros(n_txt, sin.shape[1]), sin])
     return cos, sin
 
 

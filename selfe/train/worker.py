@@ -111,7 +111,7 @@ class WorkerLoop:
         # Wall-clock (time.time) marks of the start-up and of the last step and checkpoint, carried in
         # every report (``run_facts``): where a run's fixed cost goes (benchmarks/train_overhead.py).
         self.timeline: dict[str, float] = {}
-        self.writer = CheckpointWriter(cfg.train, self.world, self.device, self.timeline)
+        self.writer = CheckpointWriter(cfg.train, self.world, self.device, self.timeline, lambda: self.run_facts)
         self.tracker = self._tracker()
         self.printed = -PRINT_EVERY_S  # when the last progress line was printed (perf_counter)
         self.preempt_answered = False  # a drain notice was answered (one checkpoint per notice)
@@ -166,7 +166,7 @@ class WorkerLoop:
                 self.batch_in_epoch = 0
                 continue
             break
-        self.writer.flush(lambda: self.run_facts)
+        self.writer.flush()
         if self.tracker is not None:
             self.tracker.close()
 
@@ -199,7 +199,7 @@ class WorkerLoop:
     def report(self, stats: dict[str, float]) -> None:
         """Log every ``log_every`` steps, sample grids / evaluate / checkpoint on their schedules."""
         t, step = self.cfg.train, self.step
-        self.writer.poll(lambda: self.run_facts)
+        self.writer.poll()
         last = step >= t.steps
         due = lambda every: bool(every) and (step % every == 0 or last)  # noqa: E731
         do_ckpt, do_log = due(t.checkpoint_every) or self._preemption_checkpoint(), due(t.log_every)
@@ -230,14 +230,14 @@ class WorkerLoop:
             if self.leaving:
                 self._leave()
         else:
-            self.writer.flush(lambda: self.run_facts)  # a checkpoint written since the last report goes first
+            self.writer.flush()  # a checkpoint written since the last report goes first
             ray.train.report({**metrics, **self.run_facts})
 
     def _checkpoint(self, metrics: dict[str, float], now: bool = False) -> None:
         """Checkpoint this step (``selfe.train.writer``); ``now``: written and uploaded before training
         goes on (a worker about to exit, the last step)."""
         progress = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        self.writer.save(self.tr, progress, metrics, lambda: self.run_facts, now=now)
+        self.writer.save(self.tr, progress, metrics, now=now)
 
     def _preemption_checkpoint(self) -> bool:
         """Whether to checkpoint at this step because a worker is being preempted: Ray's drain notice
@@ -286,7 +286,7 @@ class WorkerLoop:
         the checkpoint just reported); the others go on until Ray Train stops the group. Every rank
         first reports once more, and ``report`` returns only once the previous report (the notice's
         checkpoint) was taken by the controller, so the checkpoint is registered before a rank dies."""
-        self.writer.flush(lambda: self.run_facts)
+        self.writer.flush()
         ray.train.report({"step": self.step, "epoch": self.epoch, **self.run_facts})
         if dist.is_initialized() and self.world > 1:
             dist.barrier()

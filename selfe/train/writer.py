@@ -45,7 +45,8 @@ class CheckpointWriter:
     writing and reporting are collective). ``timeline`` receives the marks ``checkpoint_start``,
     ``checkpoint_saved`` (training may go on) and ``checkpoint_reported``."""
 
-    def __init__(self, train: TrainConfig, world: int, device: torch.device, timeline: dict[str, float]) -> None:
+    def __init__(self, train: TrainConfig, world: int, device: torch.device, timeline: dict[str, float],
+                 facts: Callable[[], dict[str, Any]]) -> None:
         self.upload = ray.train.CheckpointUploadMode.ASYNC if train.checkpoint_upload == "async" \
             else ray.train.CheckpointUploadMode.SYNC
         self.background = train.checkpoint_write == "async"
@@ -53,6 +54,7 @@ class CheckpointWriter:
         self.group = dist.new_group(backend="gloo") if self.background and dist.is_initialized() and world > 1 \
             else None
         self.world, self.device, self.timeline = world, device, timeline
+        self.facts = facts  # what every report carries besides its metrics, read at report time
         self.pending: _Pending | None = None
         self.save_s = 0.0
         """What a synchronous checkpoint took, or would take: write (+ upload when sync) and report."""
@@ -60,11 +62,10 @@ class CheckpointWriter:
         """Training time all reported checkpoints took from the loop so far, and their count."""
         self.reported = 0
 
-    def save(self, tr: Trainee, progress: dict, metrics: dict[str, Any], facts: Callable[[], dict[str, Any]],
-             now: bool = False) -> None:
+    def save(self, tr: Trainee, progress: dict, metrics: dict[str, Any], now: bool = False) -> None:
         """Checkpoint ``tr`` at ``progress`` and report ``metrics`` (+ ``facts()``, read at report time).
         ``now``: written and uploaded before this returns."""
-        self.flush(facts)
+        self.flush()
         start = self.timeline["checkpoint_start"] = time.time()
         folder = tempfile.mkdtemp(prefix="selfe-checkpoint-")
         if self.background and not now:
@@ -75,12 +76,12 @@ class CheckpointWriter:
             return
         save_checkpoint(folder, tr.model, tr.ema, tr.optimizer, progress, tr.generator)
         self.timeline["checkpoint_saved"] = time.time()
-        self._report(folder, metrics, facts, ray.train.CheckpointUploadMode.SYNC if now else self.upload)
+        self._report(folder, metrics, ray.train.CheckpointUploadMode.SYNC if now else self.upload)
         self.timeline["checkpoint_reported"] = time.time()
         self.save_s = self.timeline["checkpoint_reported"] - start
         self._count(self.save_s)
 
-    def poll(self, facts: Callable[[], dict[str, Any]]) -> None:
+    def poll(self) -> None:
         """At a step boundary: report the background checkpoint once every rank has written its files
         (one all-reduce of a flag per step while one is being written; ranks differ in when theirs
         finish, and reporting is collective)."""
@@ -92,22 +93,22 @@ class CheckpointWriter:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             done = bool(flag.item())
         if done:
-            self.flush(facts)
+            self.flush()
 
-    def flush(self, facts: Callable[[], dict[str, Any]]) -> None:
+    def flush(self) -> None:
         """Report the checkpoint being written in the background, waiting for its files if need be."""
         if self.pending is None:
             return
         p, self.pending = self.pending, None
         t0 = time.time()
         write_s = p.written.result()  # re-raises a failed write: training must not go on without checkpoints
-        self._report(p.folder, p.metrics, facts, self.upload)
+        self._report(p.folder, p.metrics, self.upload)
         waited = time.time() - t0
         self.save_s = p.stall_s + write_s  # a synchronous write would have cost about this
         self._count(p.stall_s + waited)
 
-    def _report(self, folder: str, metrics: dict[str, Any], facts: Callable[[], dict[str, Any]], mode) -> None:
-        ray.train.report({**metrics, **facts()}, checkpoint=ray.train.Checkpoint.from_directory(folder),
+    def _report(self, folder: str, metrics: dict[str, Any], mode) -> None:
+        ray.train.report({**metrics, **self.facts()}, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
 
     def _count(self, stall_s: float) -> None:
